@@ -1,0 +1,96 @@
+"""``torch.ops.memattn.attention``: the op every rewritten site becomes.
+
+Arguments (the semantics are spelled out in ``attn_compiler/codegen/reference.py``):
+    q [Z, H, M, D], k [Z, Hkv, N, D], v [Z, Hkv, N, Dv]   any strides; H % Hkv == 0 (GQA reads kv head h // (H/Hkv))
+    bias   float tensor broadcastable to [Z, H, M, N], added to the scores, or None
+    mask   bool tensor broadcastable to [Z, H, M, N], or None; ``mask_keep`` says whether True keeps or drops
+    seed   int64 0-d tensor for dropout, or None
+    scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax   see the reference
+    kernel "auto" | "triton" | "reference"
+Returns (out [Z, H, M, Dv] contiguous in v.dtype, lse [Z, H, M] fp32 (fp64 for fp64 inputs)). The backward recomputes blockwise from
+(q, k, v, out, lse): nothing of size M x N is saved.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attn_compiler.codegen import dispatch
+from attn_compiler.codegen.reference import Spec, lse_dtype
+
+_SCHEMA_ARGS = ("scale", "softcap", "causal", "causal_offset", "mask_fill", "mask_keep", "dropout_p",
+                "safe_softmax")
+
+
+def _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax) -> Spec:
+    return Spec(float(scale), float(softcap), bool(causal), int(causal_offset), float(mask_fill), bool(mask_keep),
+                float(dropout_p), bool(safe_softmax))
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "memattn.attention takes 4-D q, k, v")
+    torch._check(q.shape[0] == k.shape[0] and k.shape[0] == v.shape[0], lambda: "batch sizes differ")
+    torch._check(k.shape[1] == v.shape[1] and k.shape[2] == v.shape[2], lambda: "k and v disagree")
+    torch._check(q.shape[3] == k.shape[3], lambda: "q and k head dims differ")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of kv heads")
+
+
+@torch.library.custom_op("memattn::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+              seed: Optional[Tensor], scale: float, softcap: float, causal: bool, causal_offset: int,
+              mask_fill: float, mask_keep: bool, dropout_p: float, safe_softmax: bool,
+              kernel: str) -> tuple[Tensor, Tensor]:
+    spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
+    out, lse = dispatch.forward(q, k, v, bias, mask, seed, spec, kernel)
+    return out.contiguous(), lse
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, bias, mask, seed, scale, softcap, causal, causal_offset, mask_fill, mask_keep,
+                    dropout_p, safe_softmax, kernel):
+    _check_shapes(q, k, v)
+    z, h, m, _ = q.shape
+    out = q.new_empty((z, h, m, v.shape[3]), dtype=v.dtype)
+    lse = q.new_empty((z, h, m), dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("memattn::attention_backward", mutates_args=())
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
+                       softcap: float, causal: bool, causal_offset: int, mask_fill: float, mask_keep: bool,
+                       dropout_p: float, safe_softmax: bool, kernel: str,
+                       bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
+    dq, dk, dv, dbias = dispatch.backward(dout, q, k, v, out, lse, bias, mask, seed, spec, kernel, bias_grad)
+    if dbias is None:
+        dbias = q.new_empty((0,))
+    return dq, dk, dv, dbias
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(dout, q, k, v, out, lse, bias, mask, seed, scale, softcap, causal, causal_offset,
+                             mask_fill, mask_keep, dropout_p, safe_softmax, kernel, bias_grad):
+    dbias = bias.new_empty(bias.shape) if (bias_grad and bias is not None) else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, seed = inputs[:6]
+    out, lse = output
+    ctx.params = inputs[6:]
+    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.memattn.attention_backward(dout.contiguous(), q, k, v, out, lse, bias, mask,
+                                                              seed, *ctx.params, ctx.bias_grad)
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, *([None] * len(ctx.params))
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,72 @@
+"""Chooses the implementation behind ``torch.ops.memattn.attention`` for each call.
+
+"reference" always runs the blockwise torch implementation. "triton" runs the generated Triton kernel (on a CUDA
+device, or on the CPU under TRITON_INTERPRET=1). "auto" runs Triton on CUDA when it is importable, else the
+reference. A Triton failure (compile error, launch error, unsupported shape) never crashes a training step: the call
+falls back to the reference, warns once per reason, and the failure is recorded for the report.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+from . import reference
+
+KERNELS = ("auto", "triton", "reference")
+
+# reason -> count of calls that fell back; read by the report.
+fallbacks: dict[str, int] = {}
+_warned: set[str] = set()
+
+
+def _triton_module():
+    try:
+        from . import triton_prefill  # noqa: F401  (lands with the Triton kernel issue)
+    except ImportError:
+        return None
+    return triton_prefill
+
+
+def _wants_triton(q, kernel: str) -> bool:
+    if kernel == "reference":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernel == "triton":
+        return q.is_cuda or interpret
+    return q.is_cuda
+
+
+def _fallback(reason: str) -> None:
+    fallbacks[reason] = fallbacks.get(reason, 0) + 1
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"memattn: Triton attention kernel unavailable ({reason}); using the reference "
+                      "implementation for this call", RuntimeWarning, stacklevel=3)
+
+
+def _run(kind: str, kernel: str, q, args, ref_fn):
+    if _wants_triton(q, kernel):
+        mod = _triton_module()
+        if mod is None:
+            _fallback("the Triton kernel module is not available")
+        else:
+            ok, reason = mod.supports(*args)
+            if not ok:
+                _fallback(reason)
+            else:
+                try:
+                    return getattr(mod, kind)(*args)
+                except Exception as e:  # compile or launch failure: keep training, say why
+                    _fallback(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return ref_fn(*args)
+
+
+def forward(q, k, v, bias, mask, seed, spec, kernel: str):
+    return _run("forward", kernel, q, (q, k, v, bias, mask, seed, spec), reference.attention_forward)
+
+
+def backward(dout, q, k, v, out, lse, bias, mask, seed, spec, kernel: str, bias_grad: bool):
+    def ref(dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad):
+        return reference.attention_backward(dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad)
+
+    return _run("backward", kernel, q, (dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad), ref)
