@@ -1,0 +1,921 @@
+"""Generated Triton blockwise (FlashAttention-2 style) prefill kernels behind ``torch.ops.memattn.attention``.
+
+Same semantics as ``codegen/reference.py`` (read that first); this file is the fast path that dispatch.py calls.
+
+Kernels, in the order they run:
+    _attn_fwd        one program per (query block, z*h): online softmax over key blocks, fp32 m_i / l_i / acc,
+                     writes out and lse (natural log, fp32)
+    _attn_bwd_pre    delta_i = rowsum(dO * O) in fp32 (FA2 preprocess)
+    _attn_bwd_dkdv   one program per (key block, z*hkv): loops over the GQA group's query heads and their query
+                     blocks, recomputes p^T from lse, accumulates dk, dv in fp32 (no atomics: the group is summed
+                     inside the program); adds ds into dbias with fp32 atomics when the bias needs a gradient
+    _attn_bwd_dq     one program per (query block, z*h): loops over key blocks, recomputes p, accumulates dq
+Nothing of size M x N is ever written to memory.
+
+Kernel flags (tl.constexpr; every one is decided on the host from the call's tensors and Spec):
+    BLOCK_M, BLOCK_N   query rows / key columns per tile (autotuned per shape bucket, or forced by tests)
+    BLOCK_D, BLOCK_DV  q/k and v head dims padded to a power of two (>= 16); EVEN_D / EVEN_DV say no padding,
+                       so the head-dim load masks are compiled out
+    EVEN_M, EVEN_N     M % BLOCK_M == 0 / N % BLOCK_N == 0: the row / column bound checks are compiled out
+    IS_CAUSAL          key j allowed iff j <= i + causal_offset; key blocks above the diagonal are skipped and
+                       blocks wholly below it run without the causal compare (APPLY_CAUSAL is the per-stage flag)
+    HAS_BIAS           an additive float bias, read through 4-D strides (0 on broadcast dims, no copy)
+    HAS_MASK           a bool mask read through 4-D strides; MASK_KEEP: True keeps (else True drops);
+                       dropped positions get mask_fill
+    HAS_DROPOUT        drop with the counter hash of codegen/rng.py in uint32 arithmetic (same elements as the CPU
+                       reference), scale kept ones by 1 / (1 - dropout_p)
+    SOFTCAP            s = softcap * tanh(s / softcap) before bias and mask
+    SAFE_SOFTMAX       fully-masked rows give 0 (and zero gradients) instead of eager's NaN
+    HAS_DBIAS          backward: accumulate dbias (the gradient of s) into an fp32 buffer shaped like the bias;
+                       DB_SUM_M / DB_SUM_N: the bias broadcasts over rows / columns, so the tile is first
+                       summed over that axis and one vector (or scalar) is added atomically
+    DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
+                       (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
+                       interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
+
+Scores are kept in the log2 domain: s2 = s * log2(e); with no softcap the log2(e) is folded into the scale
+(qk_scale = scale * log2(e)) so each tile costs one multiply and exp2. lse is stored in natural log.
+Batch/head offsets are int64; offsets inside one head are int32 (rows * stride < 2**31).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import Spec
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_MAX_GRID_Y = 65535  # z*h goes on grid axis 1
+
+# ------------------------------------------------------------------------------------------------ device helpers
+
+
+@triton.jit
+def _fmix32(x):
+    # murmur3 finaliser on uint32 (wrapping multiplies); codegen/rng.py spells the same function in int64
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _row_hash(seed, zh, rows):
+    """rng.row_hash: seed, zh uint32 scalars, rows int32 vector -> uint32 vector."""
+    base = _fmix32(seed ^ (zh.to(tl.uint32) * 0x9E3779B1))
+    return _fmix32(base ^ (rows.to(tl.uint32) * 0x7FEB352D))
+
+
+@triton.jit
+def _drop_scale(rh, col_mul, dropout_p, inv_keep):
+    """rng.keep_mask turned into keep / (1 - p); rh and col_mul already broadcast to the tile's 2-D shape."""
+    x = _fmix32(rh ^ col_mul)
+    u = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return tl.where(u >= dropout_p, inv_keep, 0.0)
+
+
+@triton.jit
+def _tanh(x):
+    # exp2 form: no libdevice, so the same code runs compiled and under TRITON_INTERPRET
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    if DOT_PREC == "upcast":  # TRITON_INTERPRET has no bf16 matmul (numpy): multiply the exact fp32 values
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
+            qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr,
+            SOFTCAP: tl.constexpr, APPLY_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+    """Raw q.k tile -> log2-domain scores s2 (and tanh(s/softcap), for the softcap backward).
+
+    rows and cols are 2-D index tensors that broadcast to the tile: [BM, 1] x [1, BN] in the forward and dq
+    kernels, [1, BM] x [BN, 1] in the transposed dk/dv kernel, so one helper serves both orientations.
+    """
+    if SOFTCAP:
+        t = _tanh(qk * softcap_in)  # softcap_in = scale / softcap
+        s = t * softcap_out  # softcap_out = softcap * log2(e)
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_BIAS or HAS_MASK:
+        if EVEN_M and EVEN_N:
+            inb = None
+        elif EVEN_M:
+            inb = cols < N
+        elif EVEN_N:
+            inb = rows < M
+        else:
+            inb = (rows < M) & (cols < N)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rows * stride_bm + cols * stride_bn, mask=inb, other=0.0)
+        s = s + b.to(tl.float32) * 1.4426950408889634
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + rows * stride_mm + cols * stride_mn, mask=inb, other=0) != 0
+        if MASK_KEEP:
+            s = tl.where(mk, s, fill2)
+        else:
+            s = tl.where(mk, fill2, s)
+    if APPLY_CAUSAL:
+        s = tl.where(cols <= rows + causal_offset, s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(cols < N, s, float("-inf"))
+    return s, t
+
+
+# ------------------------------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d, offs_dv,
+               lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
+               M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+               APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+               MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    rows = offs_m[:, None]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols_1d = start_n + offs_n
+        cols = cols_1d[None, :]
+        kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+        if EVEN_N and EVEN_D:
+            kt = tl.load(kt_ptrs)
+        elif EVEN_N:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs, mask=cols < N, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=(cols < N) & (offs_d[:, None] < D), other=0.0)
+        qk = _dot(q, kt, None, DOT_PREC)
+        s, _t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
+                        qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                        HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row still at -inf subtracts 0, not -inf (no inf - inf); a row masked everywhere ends as 0/0 = NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = p * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
+        v_ptrs = v_base + cols_1d[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BLOCK_N, BLOCK_DV]
+        if EVEN_N and EVEN_DV:
+            v = tl.load(v_ptrs)
+        elif EVEN_N:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+        elif EVEN_DV:
+            v = tl.load(v_ptrs, mask=cols_1d[:, None] < N, other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=(cols_1d[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Lse,
+              stride_qz, stride_qh, stride_qm, stride_qd,
+              stride_kz, stride_kh, stride_kn, stride_kd,
+              stride_vz, stride_vh, stride_vn, stride_vd,
+              stride_bz, stride_bh, stride_bm, stride_bn,
+              stride_mz, stride_mh, stride_mm, stride_mn,
+              stride_oz, stride_oh, stride_om, stride_od,
+              H, M, N, D, DV, GQA_RATIO,
+              qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+              BUCKET_M, BUCKET_N,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "head dims are padded to at least 16 for tl.dot")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
+    if IS_CAUSAL:  # the longest rows first: better tail balance across SMs
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    off_zh = tl.program_id(1)
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    off_hk = off_h // GQA_RATIO
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+    elif EVEN_M:
+        q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
+    elif EVEN_D:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + off_z * stride_kz + off_hk * stride_kh
+    v_base = V + off_z * stride_vz + off_hk * stride_vh
+    bias_base = Bias + off_z * stride_bz + off_h * stride_bh
+    mask_base = Mask + off_z * stride_mz + off_h * stride_mh
+    if HAS_DROPOUT:
+        seed = (tl.load(Seed) & 0xFFFFFFFF).to(tl.uint32)
+        rh = _row_hash(seed, off_zh, offs_m)
+    else:
+        rh = offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if IS_CAUSAL:
+        # keys past hi are masked for every row of the block; keys below lo_mask are allowed for every row
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
+        lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
+                                   offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                   softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
+                                   offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                   softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
+                                   offs_d, offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                   softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+    o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
+    if SAFE_SOFTMAX:
+        o = tl.where((l_i == 0.0)[:, None], 0.0, o)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    o_ptrs = (Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
+              + offs_dv[None, :] * stride_od)
+    lse_ptrs = Lse + off_zh.to(tl.int64) * M + offs_m
+    if EVEN_M and EVEN_DV:
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty))
+    elif EVEN_M:
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=offs_dv[None, :] < DV)
+    else:
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=offs_m < M)
+
+
+# ----------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_pre(Out, DO, Delta,
+                  stride_oz, stride_oh, stride_om, stride_od,
+                  stride_dz, stride_dh, stride_dm, stride_dd,
+                  H, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    off_zh = tl.program_id(1)
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    inb = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
+    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=inb, other=0.0)
+    do = tl.load(DO + off_z * stride_dz + off_h * stride_dh + offs_m[:, None] * stride_dm
+                 + offs_dv[None, :] * stride_dd, mask=inb, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + off_zh.to(tl.int64) * M + offs_m, delta, mask=offs_m < M)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_base, dbias_base, seed, off_zh,
+                col_mul, offs_n, offs_m0, offs_d, offs_dv, lo, hi,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm, stride_mn,
+                stride_dbm, stride_dbn, M, N, D, DV,
+                qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+                BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+                EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    cols = offs_n[:, None]  # tile is [BLOCK_N, BLOCK_M]: keys down, queries across
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        rows = offs_m[None, :]
+        qt_ptrs = q_base + rows * stride_qm + offs_d[:, None] * stride_qd  # [BLOCK_D, BLOCK_M]
+        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod  # [BLOCK_M, BLOCK_DV]
+        if EVEN_M and EVEN_D:
+            qt = tl.load(qt_ptrs)
+        else:
+            qt = tl.load(qt_ptrs, mask=(rows < M) & (offs_d[:, None] < D), other=0.0)
+        if EVEN_M and EVEN_DV:
+            do = tl.load(do_ptrs)
+        else:
+            do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        if EVEN_M:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        else:
+            # rows past M: lse = +inf makes p = 0, so they add nothing (and nothing to dbias sums)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < M, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < M, other=0.0)
+        lse2 = lse * 1.4426950408889634
+        if SAFE_SOFTMAX:  # rows masked everywhere have lse = -inf; their p is 0 and so is their gradient
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+        qkt = _dot(k, qt, None, DOT_PREC)
+        st, tt = _scores(qkt, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
+                         qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                         HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
+        pt = tl.exp2(st - lse2[None, :])
+        if HAS_DROPOUT:
+            drop = _drop_scale(_row_hash(seed, off_zh, offs_m)[None, :], col_mul, dropout_p, inv_keep)
+            dv = _dot((pt * drop).to(do.dtype), do, dv, DOT_PREC)
+        else:
+            dv = _dot(pt.to(do.dtype), do, dv, DOT_PREC)
+        dpt = _dot(v, tl.trans(do), None, DOT_PREC)
+        if HAS_DROPOUT:
+            dpt = dpt * drop
+        dst = pt * (dpt - delta[None, :])
+        if HAS_MASK:  # filled positions are constants: no gradient flows through them
+            if EVEN_M and EVEN_N:
+                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn) != 0
+            else:
+                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=(rows < M) & (cols < N),
+                             other=0) != 0
+            if MASK_KEEP:
+                dst = tl.where(mk, dst, 0.0)
+            else:
+                dst = tl.where(mk, 0.0, dst)
+        if HAS_DBIAS:
+            if DB_SUM_M and DB_SUM_N:
+                tl.atomic_add(dbias_base, tl.sum(tl.sum(dst, 1), 0))
+            elif DB_SUM_M:
+                tl.atomic_add(dbias_base + offs_n * stride_dbn, tl.sum(dst, 1), mask=offs_n < N)
+            elif DB_SUM_N:
+                tl.atomic_add(dbias_base + offs_m * stride_dbm, tl.sum(dst, 0), mask=offs_m < M)
+            else:
+                tl.atomic_add(dbias_base + rows * stride_dbm + cols * stride_dbn, dst, mask=(rows < M) & (cols < N))
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
+        dst = dst * scale
+        dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DK, DV_, DBias,
+                   stride_qz, stride_qh, stride_qm, stride_qd,
+                   stride_kz, stride_kh, stride_kn, stride_kd,
+                   stride_vz, stride_vh, stride_vn, stride_vd,
+                   stride_bz, stride_bh, stride_bm, stride_bn,
+                   stride_mz, stride_mh, stride_mm, stride_mn,
+                   stride_doz, stride_doh, stride_dom, stride_dod,
+                   stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                   stride_dbz, stride_dbh, stride_dbm, stride_dbn,
+                   H, HKV, M, N, D, DV, GQA_RATIO,
+                   qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+                   BUCKET_M, BUCKET_N,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                   EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                   DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
+    pid_n = tl.program_id(0)
+    off_zhk = tl.program_id(1)
+    off_z = (off_zhk // HKV).to(tl.int64)
+    off_hk = (off_zhk % HKV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k_ptrs = K + off_z * stride_kz + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_z * stride_vz + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if EVEN_N and EVEN_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    if EVEN_N and EVEN_DV:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # rows below lo see none of this key block; rows from mid on see all of it
+        lo = tl.minimum(tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M, M)
+        mid = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M)
+                                    * BLOCK_M, M), lo)
+    else:
+        lo = 0
+        mid = 0
+    if HAS_DROPOUT:
+        seed = (tl.load(Seed) & 0xFFFFFFFF).to(tl.uint32)
+        col_mul = (offs_n.to(tl.uint32) * 0x9E3779B1)[:, None]
+    else:
+        seed = 0
+        col_mul = offs_n[:, None]
+    # the GQA group's query heads all read this kv head: sum their contributions here, no atomics
+    for g in range(0, GQA_RATIO):
+        off_h = off_hk * GQA_RATIO + g
+        off_zh = off_z * H + off_h
+        q_base = Q + off_z * stride_qz + off_h * stride_qh
+        do_base = DO + off_z * stride_doz + off_h * stride_doh
+        lse_base = Lse + off_zh * M
+        delta_base = Delta + off_zh * M
+        bias_base = Bias + off_z * stride_bz + off_h * stride_bh
+        mask_base = Mask + off_z * stride_mz + off_h * stride_mh
+        dbias_base = DBias + off_z * stride_dbz + off_h * stride_dbh
+        if IS_CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_base,
+                                 dbias_base, seed, off_zh, col_mul, offs_n, offs_m0, offs_d, offs_dv, lo, mid,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm,
+                                 stride_mn, stride_dbm, stride_dbn, M, N, D, DV,
+                                 qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+                                 BLOCK_M, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS, HAS_MASK, MASK_KEEP,
+                                 HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_base,
+                             dbias_base, seed, off_zh, col_mul, offs_n, offs_m0, offs_d, offs_dv, mid, M,
+                             stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm,
+                             stride_mn, stride_dbm, stride_dbn, M, N, D, DV,
+                             qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+                             BLOCK_M, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS, HAS_MASK, MASK_KEEP,
+                             HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, DOT_PREC)
+    dk_ptrs = (DK + off_z * stride_dkz + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+               + offs_d[None, :] * stride_dkd)
+    dv_ptrs = (DV_ + off_z * stride_dvz + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+               + offs_dv[None, :] * stride_dvd)
+    if EVEN_N and EVEN_D:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_d[None, :] < D))
+    if EVEN_N and EVEN_DV:
+        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty))
+    else:
+        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d, offs_dv,
+              lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
+              M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+              BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+              EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+              MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    rows = offs_m[:, None]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols_1d = start_n + offs_n
+        cols = cols_1d[None, :]
+        kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+        vt_ptrs = v_base + cols * stride_vn + offs_dv[:, None] * stride_vd  # [BLOCK_DV, BLOCK_N]
+        if EVEN_N and EVEN_D:
+            kt = tl.load(kt_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=(cols < N) & (offs_d[:, None] < D), other=0.0)
+        if EVEN_N and EVEN_DV:
+            vt = tl.load(vt_ptrs)
+        else:
+            vt = tl.load(vt_ptrs, mask=(cols < N) & (offs_dv[:, None] < DV), other=0.0)
+        qk = _dot(q, kt, None, DOT_PREC)
+        s, t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
+                       qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                       HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, vt, None, DOT_PREC)
+        if HAS_DROPOUT:
+            dp = dp * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
+        ds = p * (dp - delta[:, None])
+        if HAS_MASK:
+            if EVEN_M and EVEN_N:
+                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn) != 0
+            else:
+                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=(rows < M) & (cols < N),
+                             other=0) != 0
+            if MASK_KEEP:
+                ds = tl.where(mk, ds, 0.0)
+            else:
+                ds = tl.where(mk, 0.0, ds)
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DQ,
+                 stride_qz, stride_qh, stride_qm, stride_qd,
+                 stride_kz, stride_kh, stride_kn, stride_kd,
+                 stride_vz, stride_vh, stride_vn, stride_vd,
+                 stride_bz, stride_bh, stride_bm, stride_bn,
+                 stride_mz, stride_mh, stride_mm, stride_mn,
+                 stride_doz, stride_doh, stride_dom, stride_dod,
+                 stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                 H, M, N, D, DV, GQA_RATIO,
+                 qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+                 BUCKET_M, BUCKET_N,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    off_zh = tl.program_id(1)
+    off_z = (off_zh // H).to(tl.int64)
+    off_h = (off_zh % H).to(tl.int64)
+    off_hk = off_h // GQA_RATIO
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = (DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
+               + offs_dv[None, :] * stride_dod)
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+    if EVEN_M and EVEN_DV:
+        do = tl.load(do_ptrs)
+    else:
+        do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+    lse_ptrs = Lse + off_zh.to(tl.int64) * M + offs_m
+    delta_ptrs = Delta + off_zh.to(tl.int64) * M + offs_m
+    if EVEN_M:
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    else:
+        lse = tl.load(lse_ptrs, mask=offs_m < M, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=offs_m < M, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    if SAFE_SOFTMAX:
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    k_base = K + off_z * stride_kz + off_hk * stride_kh
+    v_base = V + off_z * stride_vz + off_hk * stride_vh
+    bias_base = Bias + off_z * stride_bz + off_h * stride_bh
+    mask_base = Mask + off_z * stride_mz + off_h * stride_mh
+    if HAS_DROPOUT:
+        seed = (tl.load(Seed) & 0xFFFFFFFF).to(tl.uint32)
+        rh = _row_hash(seed, off_zh, offs_m)
+    else:
+        rh = offs_m
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
+        lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
+                       offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                       stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                       dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
+                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
+                       offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                       stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                       dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
+                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
+                       offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                       stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                       dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
+                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+    dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd)
+    if EVEN_M and EVEN_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_d[None, :] < D))
+
+
+# ------------------------------------------------------------------------------------------------------ autotune
+# Small spaces: a comprehension over tile shapes, then a prune that keeps the few that suit the head dim (registers
+# for the fp32 accumulators, shared memory for the pipelined K/V tiles) and the length bucket.
+
+def _bucket(n: int) -> int:
+    """Shape bucket for the autotune key: short (<= 128), medium (<= 1024), long (<= 4096), very long."""
+    return 0 if n <= 128 else 1 if n <= 1024 else 2 if n <= 4096 else 3
+
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _arg(named_args, kwargs, name):
+    return kwargs[name] if name in kwargs else named_args[name]
+
+
+_FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+    short = _arg(named_args, kwargs, "BUCKET_M") == 0
+
+    def keep(c):
+        bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        if short and bm == 128:
+            return False
+        if not short and bm == 64 and d < 256:
+            return False
+        if d <= 64:
+            return bn in (64, 128) and w == 4 and s in (3, 4)
+        if d <= 128:
+            return bn in (64, 128) and w == 8 and s in (2, 3)
+        return bn in (32, 64) and w == 8 and s == 2
+    return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
+
+
+_DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+
+    def keep(c):
+        bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        if d <= 64:
+            return bn == 128 and w == 4 and ((bm == 32 and s in (3, 5)) or (bm == 64 and s == 3))
+        if d <= 128:
+            return bn == 128 and ((w == 8 and bm == 64 and s in (2, 3)) or (w == 4 and bm == 32 and s == 3))
+        return bn == 64 and bm == 32 and w == 8 and s in (2, 3)
+    return [c for c in configs if keep(c)] or [_cfg(32, 64, 4, 2)]
+
+
+_DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+
+    def keep(c):
+        bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        if d <= 64:
+            return bm == 128 and ((bn == 64 and w == 4 and s in (3, 4)) or (bn == 32 and w == 4 and s == 5))
+        if d <= 128:
+            return bm == 128 and ((bn == 64 and w == 8 and s in (2, 3)) or (bn == 32 and w == 4 and s == 4))
+        return bm == 64 and bn in (32, 64) and w == 8 and s == 2
+    return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
+
+
+_KEY = ["BUCKET_M", "BUCKET_N", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT", "SOFTCAP"]
+_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
+    _attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS"], reset_to_zero=["DBias"],
+                                       prune_configs_by={"early_config_prune": _prune_dkdv})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
+    _attn_bwd_dq)
+
+# Fixed tiles for the interpreter (autotuning there would only multiply the run time) and for tests that want
+# tiny shapes to cross block boundaries.
+_forced: dict | None = None
+_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+@contextlib.contextmanager
+def force_config(block_m: int = 16, block_n: int = 16, num_warps: int = 4, num_stages: int = 2):
+    """Use one fixed tile shape for every kernel inside the block (no autotuning)."""
+    global _forced
+    old, _forced = _forced, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps,
+                             "num_stages": num_stages}
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fixed_config():
+    if _forced is not None:
+        return _forced
+    if _interpret():
+        return _INTERPRET_BLOCKS
+    return None
+
+
+def _launch(tuned, raw, grid_fn, args, kwargs):
+    cfg = _fixed_config()
+    if cfg is None:
+        tuned[grid_fn](*args, **kwargs)
+    else:
+        raw[grid_fn(cfg)](*args, **kwargs, **cfg)
+
+
+# ------------------------------------------------------------------------------------------------------- host side
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _as4(t, shape):
+    """Broadcast view of a bias/mask (any broadcastable shape) as 4-D: broadcast dims get stride 0, no copy."""
+    return t.expand(shape)
+
+
+def supports(*args):
+    """(ok, reason). Takes the positional arguments of ``forward`` (7) or ``backward`` (11)."""
+    if len(args) == 7:
+        q, k, v, bias, mask, seed, spec = args
+        bias_grad = False
+    elif len(args) == 11:
+        _dout, q, k, v, _out, _lse, bias, mask, seed, spec, bias_grad = args
+    else:
+        return False, f"triton_prefill.supports takes 7 or 11 arguments, got {len(args)}"
+    if not (q.is_cuda or _interpret()):
+        return False, "tensors are not on a CUDA device (and TRITON_INTERPRET is not set)"
+    if q.dtype not in _DTYPES:
+        return False, f"unsupported dtype {q.dtype} (fp16, bf16, fp32 only)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return False, f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False, "q, k, v must be 4-D"
+    if q.shape[3] > _MAX_HEAD_DIM or v.shape[3] > _MAX_HEAD_DIM:
+        return False, f"unsupported head dim {q.shape[3]}/{v.shape[3]} (at most {_MAX_HEAD_DIM})"
+    if q.shape[1] % k.shape[1]:
+        return False, "query heads are not a multiple of kv heads"
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return False, f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the grid limit {_MAX_GRID_Y}"
+    devs = {t.device for t in (q, k, v, bias, mask) if t is not None}
+    if len(devs) > 1:
+        return False, f"tensors on several devices {sorted(map(str, devs))}"
+    if bias is not None and bias.dtype not in _DTYPES:
+        return False, f"unsupported bias dtype {bias.dtype}"
+    if mask is not None and mask.dtype != torch.bool:
+        return False, f"mask must be bool, got {mask.dtype}"
+    if abs(spec.causal_offset) >= 2 ** 31 - 2 ** 20:
+        return False, "causal_offset does not fit int32"
+    if bias_grad and bias is None:
+        return False, "bias_grad without a bias"
+    return True, ""
+
+
+def _dot_precision(dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and _interpret():
+        return "upcast"
+    return "tf32"
+
+
+def _common(q, k, v, bias, mask, seed, spec: Spec):
+    z, h, m, d = q.shape
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
+    full = (z, h, m, n)
+    dummy = q.new_empty(1)
+    if bias is not None:
+        b4 = _as4(bias, full)
+        b_strides = b4.stride()
+    else:
+        b4, b_strides = dummy, (0, 0, 0, 0)
+    if mask is not None:
+        m4 = _as4(mask, full).view(torch.uint8)
+        m_strides = m4.stride()
+    else:
+        m4, m_strides = dummy, (0, 0, 0, 0)
+    has_drop = spec.dropout_p > 0
+    if has_drop:
+        sd = seed if seed is not None else torch.zeros((), dtype=torch.int64)
+        sd = sd.reshape(1).to(device=q.device, dtype=torch.int64)
+    else:
+        sd = dummy
+    softcap = spec.softcap > 0
+    scal = dict(
+        qk_scale=spec.scale * LOG2E,
+        softcap_in=(spec.scale / spec.softcap) if softcap else 0.0,
+        softcap_out=(spec.softcap * LOG2E) if softcap else 0.0,
+        fill2=spec.mask_fill * LOG2E,
+        causal_offset=int(spec.causal_offset),
+        dropout_p=float(spec.dropout_p),
+        inv_keep=(1.0 / (1.0 - spec.dropout_p)) if has_drop else 1.0,
+    )
+    flags = dict(
+        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
+        IS_CAUSAL=bool(spec.causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+        MASK_KEEP=bool(spec.mask_keep), HAS_DROPOUT=has_drop, SOFTCAP=softcap,
+        SAFE_SOFTMAX=bool(spec.safe_softmax), DOT_PREC=_dot_precision(q.dtype),
+    )
+    return dict(z=z, h=h, m=m, n=n, d=d, hkv=hkv, dv=dv, b4=b4, b_strides=b_strides, m4=m4, m_strides=m_strides,
+                seed=sd, scal=scal, flags=flags)
+
+
+def _even(c, bm, bn):
+    return dict(EVEN_M=c["m"] % bm == 0, EVEN_N=c["n"] % bn == 0)
+
+
+def _even_all(c, fixed):
+    if fixed is not None:
+        return _even(c, fixed["BLOCK_M"], fixed["BLOCK_N"])
+    return dict(EVEN_M=c["m"] % 128 == 0, EVEN_N=c["n"] % 128 == 0)
+
+
+def forward(q, k, v, bias, mask, seed, spec: Spec):
+    """Returns (out [Z, H, M, Dv] in v.dtype, contiguous; lse [Z, H, M] fp32)."""
+    c = _common(q, k, v, bias, mask, seed, spec)
+    z, h, m, n = c["z"], c["h"], c["m"], c["n"]
+    out = torch.empty((z, h, m, c["dv"]), dtype=v.dtype, device=q.device)
+    lse = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
+    if m == 0 or z * h == 0:
+        return out, lse
+    if n == 0:  # softmax over no keys: eager's p @ v sums nothing
+        return out.zero_(), lse.fill_(float("-inf"))
+    fixed = _fixed_config()
+    args = (q, k, v, c["b4"], c["m4"], c["seed"], out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
+            h, m, n, c["d"], c["dv"], h // c["hkv"])
+    kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
+    _launch(_attn_fwd_tuned, _attn_fwd, grid, args, kwargs)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, bias, mask, seed, spec: Spec, bias_grad: bool):
+    """Returns (dq, dk, dv, dbias or None), recomputing the probabilities blockwise from lse."""
+    c = _common(q, k, v, bias, mask, seed, spec)
+    z, h, m, n, hkv = c["z"], c["h"], c["m"], c["n"], c["hkv"]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias_grad else None
+
+    def finish():
+        return dq, dk, dv, (dbias32.to(bias.dtype) if bias_grad else None)
+    if m == 0 or n == 0 or z * h == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return finish()
+    fixed = _fixed_config()
+    lse = lse.contiguous()
+    delta = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
+    pre_bm = 64
+    _attn_bwd_pre[(triton.cdiv(m, pre_bm), z * h)](out, dout, delta, *out.stride(), *dout.stride(), h, m, c["dv"],
+                                                  BLOCK_M=pre_bm, BLOCK_DV=c["flags"]["BLOCK_DV"])
+    common_kw = dict(**c["scal"], scale=float(spec.scale), BUCKET_M=_bucket(m), BUCKET_N=_bucket(n),
+                     **c["flags"], **_even_all(c, fixed))
+
+    if bias_grad:
+        db4 = dbias32.expand(z, h, m, n)
+        db_strides = db4.stride()
+        db_sum = dict(HAS_DBIAS=True, DB_SUM_M=db_strides[2] == 0 and m > 1, DB_SUM_N=db_strides[3] == 0 and n > 1)
+        db_buf = dbias32
+    else:
+        db_strides = (0, 0, 0, 0)
+        db_sum = dict(HAS_DBIAS=False, DB_SUM_M=False, DB_SUM_N=False)
+        db_buf = torch.zeros(1, dtype=torch.float32, device=q.device)
+    dkdv_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, lse, delta, dk, dv, db_buf,
+                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
+                 *dk.stride(), *dv.stride(), *db_strides,
+                 h, hkv, m, n, c["d"], c["dv"], h // hkv)
+
+    def grid_kv(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), z * hkv)
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, dkdv_args, dict(**common_kw, **db_sum))
+
+    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, lse, delta, dq,
+               *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
+               *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv)
+
+    def grid_q(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, dq_args, common_kw)
+    return finish()
