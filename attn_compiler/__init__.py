@@ -1,0 +1,10 @@
+"""attn_compiler: the ``memattn`` torch.compile backend, which removes the O(n^2) memory of attention.
+
+    model = torch.compile(model, backend="memattn", options={"memory_budget": "8GiB"})
+    print(attn_compiler.last_report())
+"""
+from attn_compiler.backend import backend, last_report, memattn, reports  # noqa: F401
+from attn_compiler.options import Options  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["backend", "last_report", "memattn", "reports", "Options", "__version__"]

@@ -1,0 +1,168 @@
+"""The ``memattn`` torch.compile backend: lower -> match -> rewrite -> compile, with a report of every decision."""
+from __future__ import annotations
+
+import functools
+import logging
+import traceback
+import warnings
+from typing import Optional
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from attn_compiler import options as options_mod
+from attn_compiler import ops  # noqa: F401  (registers torch.ops.memattn.*)
+from attn_compiler.layout import is_layout_op, val
+from attn_compiler.lower import lower, placeholders_fake
+from attn_compiler.match import find_candidates
+from attn_compiler.report import GraphReport, Report
+from attn_compiler.rewrite import emit, nbytes_expr
+from attn_compiler.site import Reject, Site, user_location
+
+log = logging.getLogger("attn_compiler")
+
+_reports: list = []
+counters = {"graphs": 0, "rewritten": 0, "left": 0}
+
+
+def last_report() -> Optional[Report]:
+    """The Report of the most recent memattn compilation in this process (None before the first)."""
+    return _reports[-1] if _reports else None
+
+
+def reports() -> list:
+    """Every Report made in this process, oldest first."""
+    return list(_reports)
+
+
+def _scores_bytes(chain) -> sympy.Expr:
+    total = sympy.Integer(0)
+    for node in chain:
+        if is_layout_op(node) and node.target is not torch.ops.aten.clone.default:
+            continue
+        v = val(node)
+        if isinstance(v, torch.Tensor):
+            total += nbytes_expr(node)
+        elif isinstance(v, (tuple, list)):
+            for part in v:
+                if isinstance(part, torch.Tensor):
+                    from attn_compiler.rewrite import size_expr
+                    total += sympy.Mul(*[size_expr(s) for s in part.shape], part.element_size())
+    return sympy.simplify(total)
+
+
+def _describe(plan) -> tuple[str, dict]:
+    st = plan.st
+    fams = list(st.families)
+    flags = {
+        "scale": " * ".join(f"{'1/' if k == 'div' else ''}{getattr(v, 'name', v)}" for k, v in st.scale) or "1",
+        "causal": st.causal is not None,
+        "bias": len(st.biases),
+        "bool_masks": len(st.masks),
+        "dropout_p": st.dropout_p,
+        "gqa": plan.gqa_ratio,
+    }
+    if st.softcap_post is not None:
+        flags["softcap"] = True
+    if st.causal_note:
+        flags["note"] = st.causal_note
+    return "+".join(fams), flags
+
+
+def _shapes(plan) -> dict:
+    def fmt(node):
+        t = val(node)
+        return str(tuple(str(s) for s in t.shape)) if isinstance(t, torch.Tensor) else "?"
+    return {"q": fmt(plan.q.base), "k": fmt(plan.k.base), "v": fmt(plan.v.base), "out": fmt(plan.pv)}
+
+
+def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> list:
+    sites = []
+    for i, (softmax, found) in enumerate(find_candidates(gm)):
+        loc, code = user_location(softmax)
+        site = Site(index=i, location=loc, source_line=code, graph_index=graph_index)
+        sites.append(site)
+        if isinstance(found, Reject):
+            site.reason = str(found)
+            site.pattern = "softmax"
+            continue
+        plan = found
+        site.pattern, site.flags = _describe(plan)
+        site.shapes = _shapes(plan)
+        try:
+            site.scores_bytes = _scores_bytes(plan.chain)
+            emit(plan, fake_mode, opts.kernels)
+        except Reject as e:
+            site.reason = str(e)
+            continue
+        site.status = "rewritten"
+        site.kernel = "prefill"
+        site.nodes = [n.name for n in plan.chain]
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return sites
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, opts):
+    if opts.inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        config = {}
+        if opts.mode not in (None, "default"):
+            from torch._inductor import list_mode_options
+            config = list_mode_options(opts.mode)
+        return compile_fx(gm, example_inputs, config_patches=config or None)
+    return gm
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
+    graph_index = counters["graphs"]
+    counters["graphs"] += 1
+    try:
+        lowered = lower(gm, example_inputs)
+        before = lowered.code
+        fake_mode = detect_fake_mode(placeholders_fake(gm, example_inputs))
+        sites = rewrite_graph(lowered, fake_mode, opts, graph_index)
+        greport = GraphReport(graph_index, before, lowered.code, sites)
+        compiled_gm = lowered
+    except Exception as e:  # a bug in the pass must not take the user's model down: run the graph unchanged
+        tb = traceback.format_exc(limit=4)
+        warnings.warn(f"memattn: the attention pass failed on graph {graph_index} and the graph runs "
+                      f"unchanged: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+        log.debug("memattn pass failure:\n%s", tb)
+        greport = GraphReport(graph_index, gm.code, gm.code, [], error=f"{type(e).__name__}: {e}")
+        compiled_gm = gm
+    report = Report(greport, opts, counters)
+    counters["rewritten"] += len(report.rewritten)
+    counters["left"] += len(report.left)
+    _reports.append(report)
+    if opts.report is True:
+        log.warning("%s", report)
+    elif opts.report:
+        report.write(opts.report)
+    return _inner_compile(compiled_gm, example_inputs, opts), report
+
+
+def memattn(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None,
+            **kwargs):
+    """The torch.compile backend. ``torch.compile(m, backend="memattn", options={...})``."""
+    if kwargs:
+        raise ValueError(f"memattn: unexpected backend argument(s) {', '.join(map(repr, kwargs))}; "
+                         f"pass options=dict(...) with keys {', '.join(options_mod.ALLOWED)}")
+    opts = options_mod.parse(options, mode)
+    compiled, _ = compile_graph(gm, example_inputs, opts)
+    return compiled
+
+
+def backend(**options):
+    """``torch.compile(model, backend=attn_compiler.backend(memory_budget="8GiB"))``; options validated now."""
+    options_mod.parse(options)
+
+    @functools.wraps(memattn)
+    def compiler(gm, example_inputs):
+        return memattn(gm, example_inputs, options=options)
+
+    compiler.__name__ = "memattn"
+    return compiler

@@ -1,0 +1,94 @@
+"""Lowering: Dynamo's torch-level graph -> one canonical ATen graph with fake values and symbolic shapes.
+
+Every spelling of attention reaches ATen as the same ops (``@``, ``matmul``, ``einsum`` and ``bmm`` become
+view/permute/expand + ``aten.bmm``; ``F.softmax`` and ``Tensor.softmax`` become ``aten._softmax``), so one matcher
+covers them. The trace runs on Dynamo's own fake tensors, so shape symbols (s0, s1, ...) are the ones Dynamo guards
+on, and each node keeps the user's stack trace for the report.
+
+Tracing below autograd drops Dynamo's grad-mode switches (``torch._C._set_grad_enabled``); ops that ran with grad
+disabled are marked while tracing and the switches are put back around them afterwards, so the lowered graph
+keeps eager's autograd behaviour.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
+from torch._guards import detect_fake_mode
+from torch.fx import traceback as fx_traceback
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+
+NO_GRAD = "memattn_no_grad"
+
+
+class _MarkingInterpreter(fx.Interpreter):
+    """Runs the Dynamo graph under make_fx and tags the ATen nodes each op produced while the grad mode differed
+    from the mode at graph entry (Dynamo guards on that one, so it is a constant of this graph)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.tracer_graph = None
+        self.entry_grad = torch.is_grad_enabled()
+
+    def run_node(self, n):
+        graph = self.tracer_graph
+        mode = torch.is_grad_enabled()
+        before = set(graph.nodes) if (graph is not None and mode != self.entry_grad) else None
+        result = super().run_node(n)
+        if before is not None:
+            for new in graph.nodes:
+                if new not in before:
+                    new.meta[NO_GRAD] = mode
+        return result
+
+
+def placeholders_fake(gm: fx.GraphModule, example_inputs):
+    fakes = []
+    for node, real in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
+        val = node.meta.get("example_value", node.meta.get("val"))
+        fakes.append(val if val is not None else real)
+    return fakes
+
+
+def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    fakes = placeholders_fake(gm, example_inputs)
+    fake_mode = detect_fake_mode(fakes)
+    interp = _MarkingInterpreter(gm)
+
+    def traced(*args):
+        mode = get_proxy_mode()  # make_fx's tracer graph, so the interpreter can tag what each op produced
+        if mode is not None:
+            interp.tracer_graph = mode.tracer.graph
+        return interp.run(*args)
+
+    with fx_traceback.preserve_node_meta(), enable_python_dispatcher():
+        if fake_mode is not None:
+            lowered = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
+        else:  # a graph without tensors inputs (rare): symbolic tracing makes the fake values
+            lowered = make_fx(traced, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
+    _restore_grad_mode(lowered.graph, interp.entry_grad)
+    lowered.graph.eliminate_dead_code()
+    lowered.recompile()
+    return lowered
+
+
+def _restore_grad_mode(graph: fx.Graph, entry: bool) -> None:
+    """Put grad-mode switches back around each run of nodes that were traced in the other mode."""
+    current = entry
+    for node in list(graph.nodes):
+        if node.op == "placeholder":
+            continue
+        want = node.meta.get(NO_GRAD, entry) if node.op != "output" else entry
+        if want != current:
+            with graph.inserting_before(node):
+                graph.call_function(torch._C._set_grad_enabled, (want,))
+            current = want
+
+
+def is_sym_node(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat))
+
+
+SYM_OPS = {operator.mul, operator.truediv, operator.add, operator.sub, operator.neg, operator.pow}

@@ -1,0 +1,309 @@
+"""Finding attention sites in the lowered ATen graph.
+
+Anchor: every softmax. From it the matcher walks back to the QK^T matmul and forward to the PV matmul, handing
+each op on the way to the pattern family that owns it (patterns/*.py). A candidate becomes a ``Plan`` only when
+every step is proven equivalent; otherwise the first reason it cannot be is kept for the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from attn_compiler.layout import (Factor, Traced, Untrackable, apply_layout_op, drop_unit, is_layout_op, known_eq,
+                                  shape_of, trace_back, val)
+from attn_compiler.patterns import causal, dropout, gqa, masked, plain, scaled, softcap
+from attn_compiler.patterns.common import Operand, ScoreState
+from attn_compiler.site import Reject
+
+aten = torch.ops.aten
+
+SCORE_HANDLERS = {**scaled.HANDLERS, **masked.HANDLERS, **softcap.HANDLERS}
+SCORE_CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
+               aten.alias.default)
+MAX_DEPTH = 40
+
+
+@dataclasses.dataclass
+class Plan:
+    softmax: fx.Node
+    qk: fx.Node
+    pv: fx.Node
+    q: Traced
+    k: Traced
+    v: Traced
+    q_targets: list        # canonical [Z, H, M, D] factors of q's base (None = unit axis)
+    k_targets: list        # canonical [Z, Hkv, N, D]
+    v_targets: list        # canonical [Z, Hkv, N, Dv]
+    n_batch: int           # 0, 1 or 2 batch factors in the matmuls' batch dim
+    st: ScoreState
+    chain: list            # every node from QK^T to the PV matmul's probability operand
+    canon_atoms: list      # atoms of canonical [Z, H, M, N] (None where the axis is a unit)
+    gqa_ratio: Any = 1
+    prob_dtype: Any = None
+
+
+def _tensor_args(node: fx.Node):
+    return [(i, a) for i, a in enumerate(node.args) if isinstance(a, fx.Node)
+            and isinstance(val(a), torch.Tensor)]
+
+
+def _score_paths(x: fx.Node):
+    """All paths x <- ... <- QK matmul through ops the score families know, as lists [(node, chain_arg)]."""
+    paths = []
+
+    def walk(node, path, depth):
+        if depth > MAX_DEPTH or len(paths) > 8:
+            return
+        if node.op != "call_function":
+            return
+        if node.target in plain.QK_MATMULS:
+            paths.append([(node, None)] + path)
+            return
+        if is_layout_op(node) or node.target in SCORE_CASTS:
+            walk(node.args[0], [(node, 0)] + path, depth + 1)
+            return
+        if node.target in SCORE_HANDLERS:
+            for i, a in _tensor_args(node):
+                if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and i == 0:
+                    continue
+                if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and i != 0:
+                    continue
+                walk(a, [(node, i)] + path, depth + 1)
+
+    walk(x, [], 0)
+    return paths
+
+
+def _only_user(node: fx.Node, nxt: fx.Node) -> None:
+    users = list(node.users)
+    if users != [nxt]:
+        others = [u for u in users if u is not nxt]
+        names = ", ".join(f"{u.name} ({getattr(u.target, '__name__', u.target)})" for u in others[:3])
+        raise Reject(f"the intermediate {node.name} is also used by {names or 'the graph output'}: "
+                     "the n x n tensor must exist, rewriting would not save it")
+
+
+def _atoms(factors):
+    return [f.axis for f in drop_unit(factors)]
+
+
+def _single(factors, what):
+    f = drop_unit(factors)
+    if len(f) > 1:
+        raise Reject(f"{what} merges several axes")
+    return f[0] if f else None
+
+
+def _walk_scores(path, softmax: fx.Node) -> tuple[ScoreState, list, int]:
+    qk = path[0][0]
+    q_batch = drop_unit(trace_back(qk.args[1] if qk.target is aten.baddbmm.default else qk.args[0]).dims[0])
+    n_b = len(q_batch)
+    bdims = [Factor(("b", i), f.size) for i, f in enumerate(q_batch)]
+    out_shape = shape_of(qk)
+    st = ScoreState(dims=[bdims, [Factor(("m",), out_shape[1])], [Factor(("n",), out_shape[2])]])
+    st.tag("matmul")
+    if qk.target is aten.baddbmm.default:
+        beta = qk.kwargs.get("beta", 1)
+        alpha = qk.kwargs.get("alpha", 1)
+        st.scale.append(("mul", alpha))
+        if beta != 0:
+            st.biases.append(Operand(qk.args[0], [list(d) for d in st.dims], coef=beta))
+            st.tag("masked(additive)")
+    nodes = [qk]
+    for (prev, _), (node, arg) in zip(path, path[1:]):
+        _only_user(prev, node)
+        nodes.append(node)
+        if is_layout_op(node) or node.target in SCORE_CASTS:
+            if node.target is aten.expand.default:
+                raise Reject("the scores are expanded before the softmax")
+            if node.target in SCORE_CASTS and not is_layout_op(node):
+                if not val(node).dtype.is_floating_point:
+                    raise Reject("the scores are cast to a non-float dtype")
+                continue
+            try:
+                st.dims = apply_layout_op(node, st.dims)
+            except Untrackable as e:
+                raise Reject(f"the scores are reshaped in a way that mixes axes ({e})")
+            continue
+        SCORE_HANDLERS[node.target](node, arg, st)
+    _only_user(path[-1][0], softmax)
+    return st, nodes, n_b
+
+
+def _walk_probs(softmax: fx.Node, st: ScoreState):
+    """softmax -> casts/dropout/layout -> PV matmul. Returns (pv, prob operand, nodes, dims)."""
+    dims = st.dims
+    node = softmax
+    nodes = [softmax]
+    for _ in range(MAX_DEPTH):
+        users = list(node.users)
+        if len(users) != 1:
+            _only_user(node, None)
+        nxt = users[0]
+        if nxt.target in plain.PV_MATMULS:
+            if nxt.args[0] is not node:
+                raise Reject("the probabilities are the right operand of the PV matmul")
+            return nxt, node, nodes, dims
+        if nxt.target in dropout.DROPOUT_OPS:
+            p, after = dropout.on_native_dropout(nxt)
+            if p > 0:
+                if st.dropout_p > 0:
+                    raise Reject("dropout applied twice to the probabilities")
+                st.dropout_p = p
+                st.tag("dropout")
+            nodes += [nxt, after]
+            node = after
+            continue
+        if is_layout_op(nxt) or nxt.target in (aten._to_copy.default, aten.to.dtype):
+            if not is_layout_op(nxt) and not val(nxt).dtype.is_floating_point:
+                raise Reject("the probabilities are cast to a non-float dtype")
+            if is_layout_op(nxt):
+                try:
+                    dims = apply_layout_op(nxt, dims)
+                except Untrackable as e:
+                    raise Reject(f"the probabilities are reshaped in a way that mixes axes ({e})")
+            nodes.append(nxt)
+            node = nxt
+            continue
+        raise Reject(f"the probabilities go through {getattr(nxt.target, '__name__', nxt.target)} "
+                     "before the PV matmul")
+    raise Reject("the probability chain is too long")
+
+
+def _canonical_q(q: Traced, n_b: int):
+    batch = drop_unit(q.dims[0])
+    if len(batch) > 2:
+        raise Reject("more than two batch/head axes are merged into the matmul's batch")
+    zh = [None] * (2 - len(batch)) + batch
+    return zh + [_single(q.dims[1], "the query length"), _single(q.dims[2], "the head dim")]
+
+
+def _canonical_kv(t: Traced, q_batch, head_pos: int, seq_dim: int, feat_dim: int, what: str):
+    aligned = gqa.align(q_batch, drop_unit(t.dims[0]), head_pos, what)
+    grouped = None
+    out = []
+    for entry in aligned:
+        if isinstance(entry, tuple):
+            grouped = entry[1]
+            out.append(None if entry[1].broadcast else entry[1])
+        else:
+            out.append(entry)
+    zh = [None] * (2 - len(out)) + out
+    return zh + [_single(t.dims[seq_dim], f"{what}'s length"), _single(t.dims[feat_dim], f"{what}'s head dim")], \
+        grouped
+
+
+def _check_no_mutation(graph: fx.Graph, first: fx.Node, last: fx.Node) -> None:
+    inside = False
+    for node in graph.nodes:
+        if node is first:
+            inside = True
+        elif node is last:
+            return
+        elif inside and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and node.target._schema.is_mutable:
+            raise Reject(f"{node.name} ({node.target}) mutates a tensor between the two matmuls")
+
+
+def match_at(softmax: fx.Node) -> Plan:
+    x = softmax.args[0]
+    dim = plain.softmax_dim(softmax)
+    paths = _score_paths(x)
+    if not paths:
+        raise Reject("no q @ k^T matmul feeds this softmax through ops the pattern families know")
+    first_reason = None
+    for path in paths:
+        try:
+            return _plan(path, softmax, dim)
+        except Reject as e:
+            first_reason = first_reason or str(e)
+    raise Reject(first_reason)
+
+
+def _plan(path, softmax: fx.Node, dim: int) -> Plan:
+    st, score_nodes, n_b = _walk_scores(path, softmax)
+    rank = len(st.dims)
+    d = dim + rank if dim < 0 else dim
+    if _atoms(st.dims[d]) != [("n",)]:
+        raise Reject(f"softmax over dim {dim}, which is not the key axis of q @ k^T")
+    st.safe_softmax = softmax.target is aten._safe_softmax.default
+    pv, prob, prob_nodes, pdims = _walk_probs(softmax, st)
+    want = [[("b", i) for i in range(n_b)], [("m",)], [("n",)]]
+    if [_atoms(f) for f in pdims] != want:
+        raise Reject("the probabilities reach the PV matmul in another layout than the scores")
+    qk = path[0][0]
+    a_arg, b_arg = (1, 2) if qk.target is aten.baddbmm.default else (0, 1)
+    q = trace_back(qk.args[a_arg], allow_scale=True)
+    k = trace_back(qk.args[b_arg], allow_scale=True)
+    v = trace_back(pv.args[1])
+    q_targets = _canonical_q(q, n_b)
+    q_batch = drop_unit(q.dims[0])
+    head_pos = len(q_batch) - 1
+    k_targets, k_group = _canonical_kv(k, q_batch, head_pos, 2, 1, "k")
+    v_targets, v_group = _canonical_kv(v, q_batch, head_pos, 1, 2, "v")
+    if (k_group is None) != (v_group is None) or (
+            k_group is not None and not known_eq(k_group.size, v_group.size)):
+        raise Reject("k and v are repeated to the query heads differently")
+    ratio = 1
+    if k_group is not None:
+        ratio = "MQA" if k_group.broadcast else "GQA"
+        st.tag("gqa")
+    st.scale = q.scale + k.scale + st.scale
+    if q.scale or k.scale:
+        st.tag("scaled")
+    _check_no_mutation(softmax.graph, qk, pv)
+    canon = [None] * (2 - n_b) + [("b", i) for i in range(n_b)] + [("m",), ("n",)]
+    _find_causal(st)
+    return Plan(softmax, qk, pv, q, k, v, q_targets, k_targets, v_targets, n_b, st,
+                score_nodes + prob_nodes, canon, ratio, val(prob).dtype)
+
+
+def _known_nonneg(lin: dict) -> bool:
+    expr = 0
+    for key, c in lin.items():
+        expr = expr + c * (1 if key == 1 else val(key))
+    if isinstance(expr, int):
+        return expr >= 0
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return bool(statically_known_true(expr >= 0))
+
+
+def _find_causal(st: ScoreState) -> None:
+    """Replace masks proven causal by the kernel's causal flag, when that gives exactly eager's result."""
+    for group, additive in ((st.masks, False), (st.biases, True)):
+        for op in list(group):
+            if additive and op.coef != 1:
+                continue
+            found = causal.causal_offset(op.node, op.dims, op.keep, additive)
+            if found is None:
+                continue
+            offset, fill = found
+            if not additive:
+                fill = op.fill
+            big_negative = fill == float("-inf") or fill <= -1e30 or fill in (
+                torch.finfo(torch.float16).min, torch.finfo(torch.bfloat16).min)
+            if not big_negative:
+                st.causal_note = f"mask is causal but its fill {fill} is not -inf or the dtype minimum"
+                continue
+            # Skipping masked tiles equals eager only if no row is fully masked, or the fill is -inf (both NaN).
+            if fill != float("-inf") and not _known_nonneg(offset):
+                st.causal_note = "causal mask with a finite fill may mask whole rows: passed as a tensor"
+                continue
+            if st.causal is not None and st.causal != offset:
+                continue
+            st.causal = offset
+            group.remove(op)
+            st.tag("causal")
+
+
+def find_candidates(gm: fx.GraphModule):
+    """Yields (softmax node, Plan or Reject) for every softmax in the graph."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in plain.SOFTMAX_OPS:
+            try:
+                yield node, match_at(node)
+            except Reject as e:
+                yield node, e

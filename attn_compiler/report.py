@@ -1,0 +1,129 @@
+"""What the backend did, for people: per-site table, the graph before and after, and the reasons."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import html
+import logging
+from typing import Optional
+
+import sympy
+
+from attn_compiler.site import Site
+
+log = logging.getLogger("attn_compiler")
+
+
+@dataclasses.dataclass
+class GraphReport:
+    index: int
+    before: str              # lowered ATen graph code before the rewrite
+    after: str               # and after
+    sites: list
+    error: Optional[str] = None   # set when the pass failed and the graph ran unchanged
+
+    def diff(self, context: int = 2) -> str:
+        lines = difflib.unified_diff(self.before.splitlines(), self.after.splitlines(),
+                                     f"graph {self.index} before", f"graph {self.index} after", n=context,
+                                     lineterm="")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(expr) -> str:
+    expr = sympy.sympify(expr)
+    if expr.is_number:
+        n = int(expr)
+        for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+            if n >= size:
+                return f"{n / size:.1f} {unit}"
+        return f"{n} B"
+    return f"{sympy.factor(expr)} B"
+
+
+class Report:
+    """One compilation (one Dynamo graph) of the memattn backend."""
+
+    def __init__(self, graph: GraphReport, options, counters: dict):
+        self.graphs = [graph]
+        self.options = options
+        self.counters = counters
+
+    @property
+    def sites(self) -> list:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def rewritten(self) -> list:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def left(self) -> list:
+        return [s for s in self.sites if s.status == "left"]
+
+    def summary(self) -> str:
+        return (f"memattn: {len(self.sites)} attention site(s), {len(self.rewritten)} rewritten, "
+                f"{len(self.left)} left alone")
+
+    def table(self) -> str:
+        rows = [("#", "status", "kernel", "pattern", "location", "n^2 bytes removed")]
+        for s in self.sites:
+            rows.append((str(s.index), s.status, s.kernel or "-", s.pattern or "-", s.location,
+                         _fmt_bytes(s.scores_bytes) if s.status == "rewritten" else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        for s in self.sites:
+            if s.reason:
+                out.append(f"  site {s.index} left: {s.reason}")
+            if s.flags:
+                out.append(f"  site {s.index} flags: " + ", ".join(f"{k}={v}" for k, v in s.flags.items()))
+        return "\n".join(out)
+
+    def diff(self) -> str:
+        return "\n\n".join(g.diff() for g in self.graphs)
+
+    def __str__(self) -> str:
+        parts = [self.summary(), self.table()]
+        for g in self.graphs:
+            if g.error:
+                parts.append(f"graph {g.index}: the pass failed and the graph runs unchanged: {g.error}")
+        d = self.diff()
+        if d:
+            parts.append(d)
+        return "\n\n".join(parts)
+
+    __repr__ = summary
+
+    def write(self, path: str) -> None:
+        if str(path).endswith((".html", ".htm")):
+            self.to_html(path)
+        else:
+            with open(path, "w") as f:
+                f.write(str(self) + "\n")
+
+    def to_html(self, path: str) -> None:
+        """A self-contained page: summary, site table and the graph before/after side by side."""
+        esc = html.escape
+        rows = "".join(
+            f"<tr class='{esc(s.status)}'><td>{s.index}</td><td>{esc(s.status)}</td><td>{esc(s.kernel or '-')}</td>"
+            f"<td>{esc(s.pattern)}</td><td>{esc(s.location)}</td><td>{esc(str(s.scores_bytes))}</td>"
+            f"<td>{esc(s.reason or '')}</td></tr>" for s in self.sites)
+        graphs = []
+        for g in self.graphs:
+            sm = difflib.SequenceMatcher(a=g.before.splitlines(), b=g.after.splitlines(), autojunk=False)
+            left, right = [], []
+            for tag, i1, i2, j1, j2 in sm.get_opcodes():
+                cls = "" if tag == "equal" else " class='chg'"
+                left += [f"<div{cls}>{esc(x) or '&nbsp;'}</div>" for x in sm.a[i1:i2]]
+                right += [f"<div{cls}>{esc(x) or '&nbsp;'}</div>" for x in sm.b[j1:j2]]
+            graphs.append(f"<h2>graph {g.index}</h2><div class='sbs'><pre>{''.join(left)}</pre>"
+                          f"<pre>{''.join(right)}</pre></div>")
+        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>memattn report</title><style>
+body{{font-family:system-ui,sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.2em .5em;font-size:90%}} tr.left{{background:#fff4e0}}
+tr.rewritten{{background:#e8f7e8}} .sbs{{display:grid;grid-template-columns:1fr 1fr;gap:1em}}
+pre{{font-size:75%;overflow:auto;border:1px solid #ddd;padding:.5em}} .chg{{background:#fff3a8}}
+</style></head><body><h1>memattn report</h1><p>{esc(self.summary())}</p>
+<table><tr><th>#</th><th>status</th><th>kernel</th><th>pattern</th><th>location</th><th>n&sup2; bytes removed</th>
+<th>reason</th></tr>{rows}</table>{''.join(graphs)}</body></html>"""
+        with open(path, "w") as f:
+            f.write(page)

@@ -1,0 +1,192 @@
+"""Rewriting a matched site into one ``torch.ops.memattn.attention`` call.
+
+The op reads strided views of q, k and v's bases (no copies; a repeated K/V is read through its unrepeated base),
+masks as broadcast views, and its output is reshaped into the PV matmul's output, whose users are rewired.
+Everything between the two matmuls then has no users and is removed by dead-code elimination: that removal is
+the memory the rewrite saves.
+"""
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch
+import torch.fx as fx
+
+from attn_compiler.layout import drop_unit, is_one, known_eq, prod, shape_of, val
+from attn_compiler.match import Plan
+from attn_compiler.patterns.common import Operand
+from attn_compiler.site import Reject
+
+aten = torch.ops.aten
+
+
+class Emitter:
+    """Inserts nodes before ``anchor`` and fills in their fake values so later passes can read shapes."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode):
+        self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        node.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        vals = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            with self.fake_mode:
+                node.meta["val"] = target(*vals[0], **vals[1])
+        else:
+            node.meta["val"] = target(*vals[0], **vals[1])
+        return node
+
+
+def size_expr(x):
+    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(x)
+
+
+def nbytes_expr(node: fx.Node):
+    t = val(node)
+    return sympy.Mul(*[size_expr(s) for s in t.shape], sympy.Integer(t.element_size()))
+
+
+def materialize(em: Emitter, base: fx.Node, targets: list, ref: fx.Node | None) -> fx.Node:
+    """A view of ``base`` whose axes are ``targets`` (base axes, broadcast factors, or None for unit axes).
+
+    Broadcast axes are expanded (stride 0, no copy) to the size of the same axis of ``ref``.
+    """
+    shape = shape_of(base)
+    used = [f.axis for f in targets if f is not None and not f.broadcast]
+    unused = [i for i in range(len(shape)) if i not in used]
+    if any(not is_one(shape[i]) for i in unused):
+        raise Reject("internal: a non-unit axis of an operand is not used")
+    node = base
+    if unused:
+        node = em.call(aten.squeeze.dims, node, unused)
+    remaining = [i for i in range(len(shape)) if i in used]
+    order = [remaining.index(a) for a in used]
+    if order != list(range(len(order))):
+        node = em.call(aten.permute.default, node, order)
+    for pos, f in enumerate(targets):
+        if f is None or f.broadcast:
+            node = em.call(aten.unsqueeze.default, node, pos)
+    if any(f is not None and f.broadcast for f in targets):
+        sizes = []
+        for i, f in enumerate(targets):
+            if f is None or not f.broadcast:
+                sizes.append(-1)
+            elif isinstance(f.size, int):
+                sizes.append(f.size)
+            elif ref is not None:
+                sizes.append(em.call(aten.sym_size.int, ref, i))
+            else:
+                raise Reject("q is broadcast over a dynamic batch dimension")
+        node = em.call(aten.expand.default, node, sizes)
+    return node
+
+
+def canonical_operand(em: Emitter, op: Operand, canon_atoms: list) -> fx.Node:
+    """A mask/bias broadcast against the scores at op.dims, as a 4-D view broadcastable to [Z, H, M, N]."""
+    node = op.node
+    tshape = list(shape_of(node))
+    dims = op.dims
+    if len(tshape) > len(dims):
+        extra = len(tshape) - len(dims)
+        if any(not is_one(s) for s in tshape[:extra]):
+            raise Reject("the mask has more dims than the scores")
+        node = em.call(aten.squeeze.dims, node, list(range(extra)))
+        tshape = tshape[extra:]
+    aligned = dims[len(dims) - len(tshape):]
+    view_shape, atoms = [], []
+    for size, factors in zip(tshape, aligned):
+        fs = drop_unit(factors)
+        if is_one(size):
+            continue  # broadcast over whatever this score dim holds
+        if not known_eq(size, prod(f.size for f in fs)):
+            raise Reject("the mask does not broadcast against the scores")
+        for f in fs:
+            view_shape.append(f.size)
+            atoms.append(f.axis)
+    if len(view_shape) != len(tshape) or any(not known_eq(a, b) for a, b in zip(view_shape, tshape)):
+        if any(not isinstance(s, int) for s in view_shape):
+            raise Reject("the mask splits a symbolic dimension")
+        node = em.call(aten.view.default, node, view_shape)
+    order = [atoms.index(a) for a in canon_atoms if a in atoms]
+    if order != list(range(len(order))):
+        node = em.call(aten.permute.default, node, order)
+    present = [a for a in canon_atoms if a in atoms]
+    for pos, a in enumerate(canon_atoms):
+        if a not in present:
+            node = em.call(aten.unsqueeze.default, node, pos)
+    if op.coef != 1:
+        node = em.call(aten.mul.Tensor, node, op.coef)
+    return node
+
+
+def _scalar(em: Emitter, factors, start=1.0):
+    """Multiply out ('mul'|'div', value) factors; emits sym arithmetic when a factor is a graph node."""
+    out = start
+    for kind, v in factors:
+        fn = operator.mul if kind == "mul" else operator.truediv
+        if isinstance(out, fx.Node) or isinstance(v, fx.Node):
+            out = em.call(fn, out, v)
+        else:
+            out = fn(out, v)
+    return out
+
+
+def _linear(em: Emitter, lin: dict):
+    out = lin.get(1, 0)
+    for key, c in lin.items():
+        if key == 1:
+            continue
+        term = key if c == 1 else em.call(operator.mul, key, c)
+        out = em.call(operator.add, term, out) if not (isinstance(out, int) and out == 0) else term
+    return out
+
+
+def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
+    graph = plan.pv.graph
+    em = Emitter(graph, plan.pv, fake_mode)
+    st = plan.st
+    q4 = materialize(em, plan.q.base, plan.q_targets, None)
+    k4 = materialize(em, plan.k.base, plan.k_targets, q4)
+    v4 = materialize(em, plan.v.base, plan.v_targets, q4)
+    bias = None
+    for op in st.biases:
+        b = canonical_operand(em, op, plan.canon_atoms)
+        bias = b if bias is None else em.call(aten.add.Tensor, bias, b)
+    mask = None
+    keep = True
+    fill = float("-inf")
+    for op in st.masks:
+        m = canonical_operand(em, op, plan.canon_atoms)
+        if len(st.masks) > 1 and not op.keep:
+            m = em.call(aten.logical_not.default, m)
+        mask = m if mask is None else em.call(aten.logical_and.default, mask, m)
+        fill = op.fill
+        keep = op.keep if len(st.masks) == 1 else True
+    if st.softcap_post is not None:
+        cap = _scalar(em, st.softcap_post)
+        if isinstance(cap, fx.Node) or cap <= 0:
+            raise Reject("the soft-cap is not a positive constant")
+        scale = _scalar(em, st.scale, cap)
+        softcap = float(cap)
+    else:
+        scale = _scalar(em, st.scale)
+        softcap = 0.0
+    seed = None
+    if st.dropout_p > 0:
+        seed = em.call(aten.randint.low, 0, 2 ** 31 - 1, [], dtype=torch.int64, device=val(q4).device)
+    causal = st.causal is not None
+    offset = _linear(em, st.causal) if causal else 0
+    att = em.call(torch.ops.memattn.attention.default, q4, k4, v4, bias, mask, seed, scale, softcap, causal, offset,
+                  fill, keep, st.dropout_p, st.safe_softmax, kernel)
+    out = em.call(operator.getitem, att, 0)
+    if plan.n_batch == 2:
+        out = em.call(aten.flatten.using_ints, out, 0, 1)
+    else:
+        out = em.call(aten.squeeze.dim, out, 0)
+    if out.meta["val"].dtype != val(plan.pv).dtype:
+        raise Reject("internal: output dtype differs")
+    plan.pv.replace_all_uses_with(out)
+    return att

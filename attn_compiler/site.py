@@ -1,0 +1,46 @@
+"""The record of one attention site: what was matched, where, what was decided, and why."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import torch.fx as fx
+
+
+class Reject(Exception):
+    """Raised by the matcher when a candidate cannot be proven equivalent; the message is the report's reason."""
+
+
+@dataclasses.dataclass
+class Site:
+    index: int
+    status: str = "left"                 # "rewritten" | "left"
+    kernel: Optional[str] = None         # "prefill" | "decode" | None
+    reason: Optional[str] = None         # why it was left alone
+    pattern: str = ""                    # families that matched, e.g. "matmul+scaled+masked(bool)+causal+dropout"
+    location: str = "<unknown>"          # user's file:line of the softmax
+    source_line: str = ""
+    scores_bytes: Any = 0                # sympy expression: bytes of the n^2 tensors the rewrite removes
+    shapes: dict = dataclasses.field(default_factory=dict)   # q/k/v/out shapes with symbols, as strings
+    flags: dict = dataclasses.field(default_factory=dict)    # scale, causal, mask kind, dropout, gqa ratio, ...
+    graph_index: int = 0
+    nodes: list = dataclasses.field(default_factory=list)    # names of the graph nodes the site replaced
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["scores_bytes"] = str(self.scores_bytes)
+        return d
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def user_location(node: fx.Node) -> tuple[str, str]:
+    """(file:line, source line) of the innermost user frame in a node's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return "<unknown>", ""
+    path, line, _fn, code = frames[-1]
+    return f"{path}:{line}", code.strip()

@@ -1,0 +1,395 @@
+"""Causal masks built in the graph (``tril``/``triu`` of ones or of a filled tensor, ``arange`` comparisons,
+``where``/``masked_fill`` turning a predicate into an additive mask, slices of these), proven causal so the kernel
+can skip the blocks above the diagonal and the n x n mask is never built.
+
+The proof is an abstract interpretation of the mask's producers: integer tensors are affine functions of their
+own indices (``arange`` gives idx + start), boolean tensors are half-planes ``sum(c_a * idx_a) <= c0``, and float
+masks are ``select(predicate, a, b)`` of two constants. A mask proves causal when, aligned to the scores, it allows
+key j for query i exactly when ``j - i <= offset``; the offset may be symbolic (an FX node) when the mask was
+sliced with a dynamic start. Masks read from buffers or inputs are data, not structure: they are passed to the
+kernel as tensors, which is always correct.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from attn_compiler.layout import known_eq, shape_of, val
+
+aten = torch.ops.aten
+
+
+# Linear expressions over FX scalar nodes: {1: const, node: coef}. Kept symbolic so a dynamic offset can be
+# emitted as graph code.
+def _lin(x) -> Optional[dict]:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return {1: x}
+    if isinstance(x, fx.Node) and isinstance(val(x), (torch.SymInt, int)):
+        return {x: 1}
+    return None
+
+
+def _ladd(a: dict, b: dict, sign: int = 1) -> dict:
+    out = dict(a)
+    for key, c in b.items():
+        out[key] = out.get(key, 0) + sign * c
+        if out[key] == 0 and key != 1:
+            del out[key]
+    out.setdefault(1, 0)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:  # integer tensor: value = sum(coef[a] * idx_a) + const
+    coef: tuple
+    const: Any  # linear dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Pred:  # bool tensor: sum(coef[a] * idx_a) <= bound
+    coef: tuple
+    bound: Any  # linear dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Const:
+    value: Any  # bool or float, same everywhere
+
+
+@dataclasses.dataclass(frozen=True)
+class Select:  # float tensor: a where pred else b
+    pred: Pred
+    a: float
+    b: float
+
+
+def _neg(p: Pred) -> Pred:
+    # not (L <= c)  <=>  L >= c + 1  <=>  -L <= -c - 1   (integer indices)
+    return Pred(tuple(-c for c in p.coef), _ladd({1: -1}, p.bound, -1))
+
+
+class _Interp:
+    def __init__(self):
+        self.memo: dict = {}
+
+    def eval(self, node) -> Any:
+        if not isinstance(node, fx.Node):
+            if isinstance(node, (bool, int, float)):
+                return Const(node)
+            return None
+        if node in self.memo:
+            return self.memo[node]
+        try:
+            out = self._eval(node)
+        except (TypeError, ValueError, IndexError, KeyError):
+            out = None
+        self.memo[node] = out
+        return out
+
+    def _rank(self, node):
+        s = shape_of(node)
+        return len(s) if s is not None else None
+
+    def _eval(self, n: fx.Node):
+        if n.op != "call_function":
+            return None
+        t, a = n.target, n.args
+        rank = self._rank(n)
+        if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            if t is aten.arange.default:
+                start = {1: 0}
+            else:
+                start = _lin(a[0])
+            if t is aten.arange.start_step and len(a) > 2 and a[2] != 1:
+                return None
+            return None if start is None else Index((1,), start)
+        if t in (aten.ones.default, aten.new_ones.default, aten.ones_like.default):
+            return Const(True if val(n).dtype == torch.bool else 1.0)
+        if t in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default):
+            return Const(False if val(n).dtype == torch.bool else 0.0)
+        if t in (aten.full.default, aten.new_full.default, aten.full_like.default):
+            v = a[1] if t is not aten.new_full.default else a[2]
+            return Const(v) if isinstance(v, (int, float, bool)) else None
+        if t is aten.scalar_tensor.default:
+            return Const(a[0]) if isinstance(a[0], (int, float, bool)) else None
+        if t in (aten.tril.default, aten.triu.default):
+            x = self.eval(a[0])
+            diag = a[1] if len(a) > 1 else 0
+            if not isinstance(x, Const) or not isinstance(diag, int) or rank is None or rank < 2:
+                return None
+            coef = [0] * rank
+            if t is aten.tril.default:  # keep col - row <= diag
+                coef[-1], coef[-2] = 1, -1
+                p = Pred(tuple(coef), {1: diag})
+            else:  # keep col - row >= diag  <=>  row - col <= -diag
+                coef[-1], coef[-2] = -1, 1
+                p = Pred(tuple(coef), {1: -diag})
+            zero = False if isinstance(x.value, bool) else 0.0
+            return p if x.value is True else Select(p, float(x.value), float(zero))
+        x = self.eval(a[0]) if a else None
+        if t is aten.unsqueeze.default:
+            d = a[1] + rank if a[1] < 0 else a[1]
+            return _insert_axis(x, d)
+        if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+                 aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.clone.default,
+                 aten.alias.default, aten.lift_fresh_copy.default):
+            return _reindex(x, shape_of(a[0]), shape_of(n), t is aten.expand.default)
+        if t in (aten.permute.default, aten.transpose.int):
+            perm = list(range(rank))
+            if t is aten.permute.default:
+                perm = [p + rank if p < 0 else p for p in a[1]]
+            else:
+                i, j = (d + rank if d < 0 else d for d in a[1:3])
+                perm[i], perm[j] = perm[j], perm[i]
+            return _permute(x, perm)
+        if t is aten.slice.Tensor:
+            dim = a[1] if len(a) > 1 else 0
+            dim = dim + rank if dim < 0 else dim
+            start = a[2] if len(a) > 2 and a[2] is not None else 0
+            step = a[4] if len(a) > 4 else 1
+            s = _lin(start)
+            if step != 1 or s is None or (isinstance(start, int) and start < 0):
+                return None
+            return _shift(x, dim, s)
+        if t in (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout):
+            return _convert(x, val(n).dtype)
+        if t in (aten.logical_not.default, aten.bitwise_not.default):
+            return _neg(x) if isinstance(x, Pred) else (Const(not x.value) if isinstance(x, Const) else None)
+        if t in (aten.eq.Scalar, aten.ne.Scalar):
+            want = a[1]
+            truth = _truth(x)
+            if truth is None or not isinstance(want, (int, float, bool)):
+                return None
+            p, on, off = truth
+            hit = (float(want) == on, float(want) == off)
+            if hit == (True, False):
+                res = p
+            elif hit == (False, True):
+                res = _neg(p)
+            else:
+                return None
+            return res if t is aten.eq.Scalar else _neg(res)
+        if t in (aten.ge.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.lt.Tensor, aten.ge.Scalar, aten.le.Scalar,
+                 aten.gt.Scalar, aten.lt.Scalar):
+            return _compare(t, x, self.eval(a[1]) if isinstance(a[1], fx.Node) else _lin(a[1]), rank)
+        if t in (aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar):
+            sign = -1 if t in (aten.sub.Tensor, aten.sub.Scalar) else 1
+            other = a[1]
+            if isinstance(x, Index) and (isinstance(other, (int, fx.Node))) and _lin(other) is not None:
+                return Index(x.coef, _ladd(x.const, _lin(other), sign))
+            y = self.eval(other) if isinstance(other, fx.Node) else None
+            if isinstance(x, Index) and isinstance(y, Index) and len(x.coef) == len(y.coef):
+                return Index(tuple(p + sign * q for p, q in zip(x.coef, y.coef)), _ladd(x.const, y.const, sign))
+            return None
+        if t is aten.rsub.Scalar and isinstance(x, Select):  # c - select(p, a, b)
+            c = a[1]
+            return Select(x.pred, float(c) - x.a, float(c) - x.b)
+        if t in (aten.mul.Tensor, aten.mul.Scalar) and isinstance(x, Select) and isinstance(a[1], (int, float)):
+            return Select(x.pred, x.a * a[1], x.b * a[1])
+        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            cond = self.eval(a[1])
+            fill = a[2] if not isinstance(a[2], fx.Node) else None
+            if isinstance(x, Const) and isinstance(cond, Pred) and isinstance(fill, (int, float)):
+                return Select(cond, float(fill), float(x.value))
+            return None
+        if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
+            cond = x
+            av, bv = (self.eval(v) if isinstance(v, fx.Node) else Const(v) for v in a[1:3])
+            if isinstance(cond, Pred) and isinstance(av, Const) and isinstance(bv, Const):
+                if isinstance(av.value, bool) and isinstance(bv.value, bool):
+                    if av.value and not bv.value:
+                        return cond
+                    if bv.value and not av.value:
+                        return _neg(cond)
+                    return None
+                return Select(cond, float(av.value), float(bv.value))
+            return None
+        return None
+
+
+def _truth(x):
+    """(predicate, value where true, value where false) of a bool or 0/1-valued tensor."""
+    if isinstance(x, Pred):
+        return x, 1.0, 0.0
+    if isinstance(x, Select):
+        return x.pred, x.a, x.b
+    return None
+
+
+def _convert(x, dtype):
+    if isinstance(x, Pred) and dtype != torch.bool:
+        return Select(x, 1.0, 0.0)
+    if isinstance(x, Select) and dtype == torch.bool:
+        if x.b == 0 and x.a != 0:
+            return x.pred
+        if x.a == 0 and x.b != 0:
+            return _neg(x.pred)
+        return None
+    if isinstance(x, Const):
+        return Const(bool(x.value) if dtype == torch.bool else float(x.value))
+    return x
+
+
+def _map_coef(x, fn):
+    if isinstance(x, Index):
+        return Index(fn(x.coef), x.const)
+    if isinstance(x, Pred):
+        return Pred(fn(x.coef), x.bound)
+    if isinstance(x, Select):
+        return Select(Pred(fn(x.pred.coef), x.pred.bound), x.a, x.b)
+    if isinstance(x, Const):
+        return x
+    return None
+
+
+def _insert_axis(x, d):
+    return _map_coef(x, lambda c: c[:d] + (0,) + c[d:])
+
+
+def _permute(x, perm):
+    return _map_coef(x, lambda c: tuple(c[p] for p in perm))
+
+
+def _reindex(x, src, dst, expand: bool):
+    """Views that only add/remove unit axes or broadcast: map each non-unit axis of src to dst in order."""
+    if isinstance(x, Const):
+        return x
+    if x is None or src is None or dst is None:
+        return None
+    if expand:
+        lead = len(dst) - len(src)
+
+        def fn(c):
+            # an expanded unit axis always had index 0, so its coefficient no longer matters
+            return (0,) * lead + tuple(0 if (known_eq(s, 1) and not known_eq(d, 1)) else k
+                                       for k, s, d in zip(c, src, dst))
+        return _map_coef(x, fn)
+    src_axes = [i for i, s in enumerate(src) if not known_eq(s, 1)]
+    dst_axes = [i for i, s in enumerate(dst) if not known_eq(s, 1)]
+    if len(src_axes) != len(dst_axes) or not all(known_eq(src[i], dst[j]) for i, j in zip(src_axes, dst_axes)):
+        return None
+
+    def fn(c):
+        out = [0] * len(dst)
+        for i, j in zip(src_axes, dst_axes):
+            out[j] = c[i]
+        return tuple(out)
+    return _map_coef(x, fn)
+
+
+def _shift(x, dim, start: dict):
+    """x[..., start:, ...] along dim: the old index is new index + start."""
+    def const_shift(coef, const):
+        return _ladd(const, {k: v * coef[dim] for k, v in start.items()})
+    if isinstance(x, Index):
+        return Index(x.coef, const_shift(x.coef, x.const))
+    if isinstance(x, Pred):  # L(old) <= c  <=>  L(new) + coef*start <= c
+        return Pred(x.coef, _ladd(x.bound, {k: v * x.coef[dim] for k, v in start.items()}, -1))
+    if isinstance(x, Select):
+        return Select(_shift(x.pred, dim, start), x.a, x.b)
+    if isinstance(x, Const):
+        return x
+    return None
+
+
+_COMPARE = {aten.le.Tensor: "le", aten.le.Scalar: "le", aten.lt.Tensor: "lt", aten.lt.Scalar: "lt",
+            aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt"}
+
+
+def _compare(t, x, y, rank):
+    if isinstance(y, dict):  # scalar
+        y = Index((0,) * (len(x.coef) if isinstance(x, Index) else 0), y)
+    if not (isinstance(x, Index) and isinstance(y, Index)):
+        return None
+    n = max(len(x.coef), len(y.coef))
+    xc = (0,) * (n - len(x.coef)) + x.coef
+    yc = (0,) * (n - len(y.coef)) + y.coef
+    diff = tuple(p - q for p, q in zip(xc, yc))
+    c = _ladd(y.const, x.const, -1)  # x - y <= 0  <=>  diff . idx <= y.const - x.const
+    op = _COMPARE[t]
+    if op == "le":
+        return Pred(diff, c)
+    if op == "lt":
+        return Pred(diff, _ladd(c, {1: -1}))
+    if op == "ge":
+        return Pred(tuple(-d for d in diff), _ladd({1: 0}, c, -1))
+    if op == "gt":
+        return Pred(tuple(-d for d in diff), _ladd({1: -1}, c, -1))
+    return None
+
+
+def evaluate(node: fx.Node):
+    return _Interp().eval(node)
+
+
+def causal_offset(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
+    """If the mask applied at score dims ``score_dims`` allows key j for query i iff j - i <= offset, return
+    (offset as linear dict, fill value); else None. For additive masks the fill is the masked value."""
+    x = evaluate(mask_node)
+    fill = float("-inf")
+    if additive:
+        if not isinstance(x, Select):
+            return None
+        if x.a == 0.0 and x.b < 0:
+            pred, fill = x.pred, x.b
+        elif x.b == 0.0 and x.a < 0:
+            pred, fill = _neg(x.pred), x.a
+        else:
+            return None
+    else:
+        if not isinstance(x, Pred):
+            return None
+        pred = x if keep else _neg(x)
+    rank = len(pred.coef)
+    if rank > len(score_dims):
+        return None
+    aligned = score_dims[len(score_dims) - rank:]
+    c_m = c_n = 0
+    for coef, factors in zip(pred.coef, aligned):
+        if coef == 0:
+            continue
+        atoms = [f.axis for f in factors if not known_eq(f.size, 1)]
+        if atoms == [("m",)]:
+            c_m += coef
+        elif atoms == [("n",)]:
+            c_n += coef
+        else:
+            return None
+    if c_n == 1 and c_m == -1:
+        return pred.bound, fill
+    return None
+
+
+# Spellings
+def tril_ones(q, k, v):
+    s = q.shape[-2]
+    mask = torch.tril(torch.ones(s, s, dtype=torch.bool, device=q.device))
+    return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def triu_fill(q, k, v):
+    s = q.shape[-2]
+    upper = torch.triu(torch.ones(s, s, device=q.device), diagonal=1).bool()
+    return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(upper, float("-inf")), -1) @ v
+
+
+def arange_compare(q, k, v):
+    sq, sk = q.shape[-2], k.shape[-2]
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
+    return torch.softmax(torch.where(j <= i, q @ k.transpose(-2, -1), float("-inf")), -1) @ v
+
+
+def additive_min(q, k, v):
+    s = q.shape[-2]
+    bias = torch.full((s, s), torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype).triu(1)
+    return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+
+SPELLINGS = {"tril_ones": tril_ones, "triu_fill": triu_fill, "arange_compare": arange_compare,
+             "additive_min": additive_min}

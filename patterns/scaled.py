@@ -1,0 +1,52 @@
+"""Scaled scores: ``mul``/``div`` by a constant or a symbolic scalar (1/sqrt(d) of a dynamic head dim), applied to
+the scores, to q or to k. Scaling of q/k is folded by attn_compiler/layout.py; this family handles the scores."""
+import math
+
+import torch
+
+from attn_compiler.layout import scale_of
+from attn_compiler.site import Reject
+
+from .common import ScoreState
+
+aten = torch.ops.aten
+
+
+def on_scale(node, chain_arg: int, st: ScoreState) -> None:
+    sc = scale_of(node)
+    if sc is None or sc[0] != chain_arg:
+        raise Reject(f"the scores are multiplied by a tensor ({node.format_node()}), not a scalar")
+    if st.biases or st.masks:
+        raise Reject("the scores are scaled after a mask or bias was applied")
+    (st.softcap_post if st.softcap_post is not None else st.scale).append(sc[1])
+    st.tag("scaled")
+
+
+HANDLERS = {aten.mul.Tensor: on_scale, aten.mul.Scalar: on_scale, aten.div.Tensor: on_scale,
+            aten.div.Scalar: on_scale}
+
+
+def mul_scores(q, k, v):
+    return torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1])), -1) @ v
+
+
+def div_scores(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), -1) @ v
+
+
+def scale_q(q, k, v):
+    return torch.softmax((q * q.size(-1) ** -0.5) @ k.transpose(-2, -1), -1) @ v
+
+
+def scale_qk_split(q, k, v):
+    s = q.size(-1) ** -0.25
+    return torch.softmax((q * s) @ (k * s).transpose(-2, -1), -1) @ v
+
+
+def softmax_fp32(q, k, v):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+SPELLINGS = {"mul_scores": mul_scores, "div_scores": div_scores, "scale_q": scale_q,
+             "scale_qk_split": scale_qk_split, "softmax_fp32": softmax_fp32}

@@ -1,0 +1,27 @@
+"""Logit soft-capping (Gemma-2): s = cap * tanh(s / cap), taken by the kernels as a flag."""
+import torch
+
+from attn_compiler.site import Reject
+
+from .common import ScoreState
+
+aten = torch.ops.aten
+
+
+def on_tanh(node, chain_arg: int, st: ScoreState) -> None:
+    if st.softcap_post is not None or st.biases or st.masks:
+        raise Reject("tanh applied to the scores twice or after a mask")
+    st.softcap_post = []
+    st.tag("softcap")
+
+
+HANDLERS = {aten.tanh.default: on_tanh}
+
+
+def gemma2(q, k, v, cap=20.0):
+    s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+    s = torch.tanh(s / cap) * cap
+    return torch.softmax(s, -1) @ v
+
+
+SPELLINGS = {"gemma2": gemma2}
