@@ -1,0 +1,381 @@
+"""Triton prefill kernels (codegen/triton_prefill.py) against the fp64 blockwise reference.
+
+Budget: for every output the kernel's error against the truth (codegen.reference on fp64 inputs) must be at most K
+times the error of the same attention written in eager torch in the same dtype (plus a tiny floor for the fp32
+cases where both errors are at rounding level). Tiny shapes and 16 x 16 tiles so every case crosses block edges.
+
+Where the kernels run: on a CUDA machine, compiled, in this process. Without CUDA they run under TRITON_INTERPRET=1,
+which must be set before triton is first imported in a process (``tl.zeros`` and the rest of triton's standard
+library are ``triton.jit`` functions, interpreted or not from that moment on). Setting it here at import time would
+be too late when another test module imported triton first, and would leak into the other modules (a dispatch test
+expecting kernel="triton" on the CPU to fall back would start interpreting). So on a CPU-only machine without the
+variable, every test here is skipped in-process and ``test_interpreted_in_subprocess`` runs this file again in a
+child pytest with TRITON_INTERPRET=1 (nothing leaks; the child's summary is printed when it fails). Running
+``TRITON_INTERPRET=1 pytest tests/test_triton_prefill.py`` directly does the same work in one process.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from attn_compiler.codegen import reference, rng  # noqa: E402
+from attn_compiler.codegen.reference import Spec  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# dtype -> (K forward, K backward, floor): kernel_err <= K * eager_err + floor (relative Frobenius errors)
+BUDGET = {
+    torch.float32: (4.0, 4.0, 2e-5),
+    torch.float16: (2.0, 3.0, 1e-4),
+    torch.bfloat16: (2.0, 3.0, 1e-3),
+}
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _where_to_run(request):
+    if not IN_PROCESS and request.node.name != "test_interpreted_in_subprocess":
+        pytest.skip("no CUDA: runs under TRITON_INTERPRET=1 in test_interpreted_in_subprocess")
+
+
+def test_interpreted_in_subprocess():
+    if IN_PROCESS:
+        pytest.skip("kernels run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"interpreted run failed:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tp():
+    from attn_compiler.codegen import triton_prefill
+    return triton_prefill
+
+
+def _tiles(tp, bm=16, bn=16):
+    # 16 x 16 tiles: tiny shapes still cross block edges; on the GPU also keeps the compile count down
+    return tp.force_config(bm, bn, num_warps=4, num_stages=2)
+
+
+# ------------------------------------------------------------------------------------------------- eager + truth
+
+
+def eager(q, k, v, bias, mask, seed, spec: Spec):
+    """Plain eager attention with every feature, materialising the M x N scores (tiny shapes only)."""
+    z, h, m, _ = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(h // hkv, 1)
+    v = v.repeat_interleave(h // hkv, 1)
+    s = (q @ k.transpose(-1, -2)) * spec.scale
+    if spec.softcap > 0:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask if spec.mask_keep else mask, spec.mask_fill)
+    if spec.causal:
+        rows = torch.arange(m, device=q.device).view(-1, 1)
+        cols = torch.arange(n, device=q.device).view(1, -1)
+        s = s.masked_fill(cols > rows + spec.causal_offset, float("-inf"))
+    p = torch.softmax(s, -1)
+    if spec.safe_softmax:
+        p = torch.where((s == float("-inf")).all(-1, keepdim=True), torch.zeros_like(p), p)
+    if spec.dropout_p > 0:
+        p = p * (keep_full(z, h, m, n, seed, spec.dropout_p, q.device).to(p.dtype) / (1 - spec.dropout_p))
+    return p @ v
+
+
+def keep_full(z, h, m, n, seed, p, device):
+    zh = torch.arange(z * h, device=device).view(z, h, 1, 1)
+    rows = torch.arange(m, device=device).view(-1, 1)
+    cols = torch.arange(n, device=device)
+    return rng.keep_mask(rng.row_hash(int(seed), zh, rows), cols, p)
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), mismatch("NaN pattern", got, want)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), mismatch("inf pattern", got, want)
+    fin = torch.isfinite(want)
+    num = (got - want)[fin].norm()
+    # a gradient that is 0 in exact arithmetic (one key: p = 1, ds = 0) has only rounding left: measure it
+    # against an O(1) scale instead of its own near-zero norm
+    den = want[fin].norm() + 0.1 * math.sqrt(max(int(fin.sum()), 1))
+    return (num / den).item()
+
+
+def mismatch(what, got, want, n=5):
+    bad = (torch.isnan(got) != torch.isnan(want)) | ((got - want).abs() > 1e-2 * (want.abs() + 1e-2))
+    idx = bad.nonzero()[:n].tolist()
+    lines = [f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first:"]
+    lines += [f"  {tuple(i)}: got {got[tuple(i)].item():.6g} want {want[tuple(i)].item():.6g}" for i in idx]
+    return "\n".join(lines)
+
+
+def make(dtype, z=1, h=2, hkv=None, m=17, n=17, d=32, dv=None, strided=False, gen=None):
+    hkv = hkv or h
+    dv = dv or d
+    g = gen or torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=DEV, dtype=dtype)
+    if strided:  # q as [Z, M, H, D] transposed, k every other key, v cut from a wider head dim
+        q = r(z, m, h, d).transpose(1, 2)
+        k = r(z, hkv, 2 * n, d)[:, :, ::2]
+        v = r(z, n, hkv, dv + 8)[..., :dv].transpose(1, 2)
+    else:
+        q, k, v = r(z, h, m, d), r(z, hkv, n, d), r(z, hkv, n, dv)
+    return q, k, v
+
+
+def check(tp, q, k, v, bias, mask, spec: Spec, seed=None, bias_grad=False, backward=True, eager_truth_bwd=False,
+          strided_dout=False):
+    """Forward (and backward) of the kernel vs fp64 truth, within the budget set by eager in the same dtype."""
+    dtype = q.dtype
+    kf, kb, floor = BUDGET[dtype]
+    seed = torch.tensor(1234 if seed is None else seed, dtype=torch.int64)
+    ok, why = tp.supports(q, k, v, bias, mask, seed, spec)
+    assert ok, why
+    out, lse = tp.forward(q, k, v, bias, mask, seed, spec)
+    assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == v.dtype and lse.dtype == torch.float32
+
+    d64 = [t.double() if t is not None else None for t in (q, k, v)]
+    b64 = bias.double() if bias is not None else None
+    t_out, t_lse = reference.attention_forward(*d64, b64, mask, seed, spec)
+    e_out = eager(q, k, v, bias, mask, seed, spec)
+    e_err = rel_err(e_out, t_out)
+    k_err = rel_err(out, t_out)
+    assert k_err <= kf * e_err + floor, f"out: kernel {k_err:.3g} vs eager {e_err:.3g}\n" + mismatch("out", out.double(), t_out)
+    assert rel_err(lse, t_lse) <= 1e-5, mismatch("lse", lse.double(), t_lse)
+    if not backward:
+        return
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(device=DEV, dtype=dtype)
+    if strided_dout:
+        dout = torch.randn(out.shape[0], out.shape[2], out.shape[1], out.shape[3] + 3,
+                           generator=g).to(device=DEV, dtype=dtype)[..., :out.shape[3]].transpose(1, 2)
+    ok, why = tp.supports(dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad)
+    assert ok, why
+    grads = tp.backward(dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad)
+    # truth: the fp64 reference's backward (or fp64 eager autograd where the reference has no defined answer)
+    if eager_truth_bwd:
+        truth = _eager_grads(*d64, b64, mask, seed, spec, dout.double(), bias_grad)
+    else:
+        truth = reference.attention_backward(dout.double(), *d64, t_out, t_lse, b64, mask, seed, spec, bias_grad)
+    e_grads = _eager_grads(q, k, v, bias, mask, seed, spec, dout, bias_grad)
+    for name, got, want, eg in zip(("dq", "dk", "dv", "dbias"), grads, truth, e_grads):
+        if name == "dbias" and not bias_grad:
+            assert got is None
+            continue
+        assert got.shape == want.shape and got.dtype == (bias.dtype if name == "dbias" else q.dtype), name
+        e_err = rel_err(eg, want)
+        k_err = rel_err(got, want)
+        assert k_err <= kb * e_err + floor, (f"{name}: kernel {k_err:.3g} vs eager {e_err:.3g}\n"
+                                             + mismatch(name, got.double(), want))
+
+
+def _eager_grads(q, k, v, bias, mask, seed, spec, dout, bias_grad):
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    b = bias.detach().requires_grad_(bias_grad) if bias is not None else None
+    out = eager(*leaves, b, mask, seed, spec)
+    wrt = leaves + ([b] if bias_grad else [])
+    grads = torch.autograd.grad(out, wrt, dout)
+    return (*grads[:3], grads[3] if bias_grad else None)
+
+
+# ---------------------------------------------------------------------------------------------------- flag grid
+# Each kernel flag on at least once, mixed with GQA ratios, odd lengths, odd head dims, all three dtypes.
+
+CASES = {
+    # name: (dtype, shape kwargs, spec kwargs, extras)
+    "plain_even": (F16, dict(m=32, n=32, d=32), {}, {}),
+    "plain_odd_fp32": (F32, dict(m=19, n=23, d=24), {}, {}),
+    "gqa2_causal_bf16": (BF16, dict(h=4, hkv=2, m=19, n=23, d=40), dict(causal=True), {}),
+    "gqa4_causal_offset": (F32, dict(h=4, hkv=1, m=17, n=29, d=24), dict(causal=True, causal_offset=7), {}),
+    "causal_square_even": (F16, dict(m=48, n=48, d=16), dict(causal=True), {}),
+    "cross_m_gt_n": (F16, dict(m=33, n=9, d=32, dv=16), {}, {}),
+    "softcap": (F32, dict(m=17, n=20, d=32), dict(softcap=2.0), {}),
+    "bias_full_grad": (F32, dict(z=2, m=17, n=19, d=40), {}, dict(bias=(2, 2, 17, 19), bias_grad=True)),
+    "bias_bcast_heads_grad_gqa": (BF16, dict(z=2, h=4, hkv=1, m=18, n=21, d=32), {},
+                                  dict(bias=(1, 4, 1, 21), bias_grad=True)),
+    "bias_rows_grad": (F16, dict(h=2, m=21, n=17, d=32), dict(causal=True),
+                       dict(bias=(2, 21, 1), bias_grad=True)),
+    "bias_scalar_grad": (F32, dict(m=9, n=11, d=16), {}, dict(bias=(1, 1), bias_grad=True)),
+    "bias_2d_nograd": (F16, dict(m=17, n=17, d=32), {}, dict(bias=(17, 17))),
+    "mask_keep": (F16, dict(z=2, m=17, n=23, d=32), {}, dict(mask=(2, 1, 17, 23))),
+    "mask_drop_fill": (BF16, dict(m=20, n=20, d=32), dict(mask_keep=False, mask_fill=-1e4), dict(mask=(20, 20))),
+    "mask_causal_gqa": (F32, dict(h=4, hkv=2, m=17, n=17, d=32), dict(causal=True),
+                        dict(mask=(1, 4, 17, 17), keep_diag=True)),
+    "dropout": (F32, dict(m=19, n=23, d=32), dict(dropout_p=0.25), {}),
+    "dropout_causal_gqa_fp16": (F16, dict(z=2, h=4, hkv=2, m=17, n=17, d=32), dict(causal=True, dropout_p=0.1), {}),
+    "everything": (BF16, dict(z=2, h=4, hkv=2, m=19, n=21, d=48), dict(causal=True, causal_offset=2, softcap=5.0,
+                                                                    dropout_p=0.2),
+                   dict(bias=(2, 1, 19, 21), bias_grad=True, mask=(19, 21))),
+    "strided": (F16, dict(z=2, h=4, hkv=2, m=17, n=19, d=32, strided=True), dict(causal=True),
+                dict(strided_dout=True)),
+    "strided_fp32_bias": (F32, dict(z=1, h=2, m=18, n=18, d=24, dv=40, strided=True), {},
+                          dict(bias=(1, 2, 18, 18), bias_grad=True)),
+    "m1": (F16, dict(m=1, n=17, d=32), {}, {}),
+    "n1": (F32, dict(m=17, n=1, d=32), dict(causal=True, causal_offset=40), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flag_grid(tp, name):
+    dtype, shape, sk, ex = CASES[name]
+    g = torch.Generator().manual_seed(hash(name) % 2 ** 31)
+    q, k, v = make(dtype, gen=g, **shape)
+    spec = Spec(scale=1.0 / math.sqrt(q.shape[-1]), **sk)
+    bias = mask = None
+    if "bias" in ex:
+        bias = torch.randn(*ex["bias"], generator=g).to(device=DEV, dtype=dtype)
+    if "mask" in ex:
+        mask = (torch.rand(*ex["mask"], generator=g) > 0.3).to(DEV)
+        if ex.get("keep_diag"):  # causal + mask: no row loses every key (that backward is NaN, pattern undefined)
+            mask = mask | torch.eye(mask.shape[-2], mask.shape[-1], dtype=torch.bool, device=DEV)
+    with _tiles(tp):
+        check(tp, q, k, v, bias, mask, spec, bias_grad=ex.get("bias_grad", False),
+              strided_dout=ex.get("strided_dout", False))
+
+
+@pytest.mark.parametrize("d", [16, 40, 80, 96, 112, 160, 256])
+def test_head_dims(tp, d):
+    q, k, v = make(F16, h=2, hkv=1, m=17, n=18, d=d)
+    with _tiles(tp):
+        check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=d % 32 == 0))
+
+
+def test_fully_masked_rows(tp):
+    """causal_offset < 0 leaves the first rows with no key: NaN as eager gives, or 0 with safe_softmax."""
+    q, k, v = make(F32, h=2, m=20, n=20, d=16)
+    with _tiles(tp):
+        check(tp, q, k, v, None, None, Spec(scale=0.25, causal=True, causal_offset=-3), backward=False)
+        out, _ = tp.forward(q, k, v, None, None, None, Spec(scale=0.25, causal=True, causal_offset=-3))
+        assert torch.isnan(out[:, :, :3]).all() and not torch.isnan(out[:, :, 3:]).any()
+        # safe softmax: the reference's backward gives NaN on such rows; the truth is fp64 eager autograd (zeros)
+        check(tp, q, k, v, None, None, Spec(scale=0.25, causal=True, causal_offset=-3, safe_softmax=True),
+              eager_truth_bwd=True)
+
+
+def test_dropout_drops_the_reference_elements(tp):
+    """q = k = 0 makes p uniform and v = I copies p into out: out != 0 exactly where rng.keep_mask keeps."""
+    z, h, m, n, p = 2, 3, 20, 24, 0.3
+    q = torch.zeros(z, h, m, 16, device=DEV)
+    k = torch.zeros(z, h, n, 16, device=DEV)
+    v = torch.eye(n, device=DEV).expand(z, h, n, n)
+    seed = torch.tensor(987654321987, dtype=torch.int64)
+    with _tiles(tp):
+        out, _ = tp.forward(q, k, v, None, None, seed, Spec(scale=1.0, dropout_p=p))
+    keep = keep_full(z, h, m, n, seed, p, DEV)
+    assert torch.equal(out != 0, keep), mismatch("keep", (out != 0).double(), keep.double())
+    torch.testing.assert_close(out[keep], torch.full_like(out[keep], 1.0 / (n * (1 - p))))
+
+
+def test_empty_lengths(tp):
+    q, k, v = make(F32, m=5, n=0, d=16)
+    out, lse = tp.forward(q, k, v, None, None, None, Spec(scale=0.25))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    dq, dk, dv, db = tp.backward(torch.ones_like(out), q, k, v, out, lse, None, None, None, Spec(scale=0.25), False)
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.numel() == 0 and db is None
+    q, k, v = make(F32, m=0, n=5, d=16)
+    out, lse = tp.forward(q, k, v, None, None, None, Spec(scale=0.25))
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+
+
+def test_supports_says_why(tp):
+    q, k, v = make(F32, d=16)
+    s = Spec(scale=1.0)
+    ok, why = tp.supports(q.double(), k.double(), v.double(), None, None, None, s)
+    assert not ok and "dtype" in why
+    big = torch.zeros(1, 1, 4, 512, device=DEV)
+    ok, why = tp.supports(big, big, big, None, None, None, s)
+    assert not ok and "head dim" in why
+    ok, why = tp.supports(q, k, v, None, (torch.rand(17, 17) > 0.5).float().to(DEV), None, s)
+    assert not ok and "bool" in why
+    assert tp.supports(q, k, v, None, None, None, s)[0]
+
+
+def test_through_the_op(tp):
+    """torch.ops.memattn.attention(kernel="triton") reaches these kernels (no fallback) and trains."""
+    import attn_compiler.ops  # noqa: F401  registers the op
+    from attn_compiler.codegen import dispatch
+
+    q, k, v = make(F32, h=4, hkv=2, m=17, n=19, d=32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    before = dict(dispatch.fallbacks)
+    with _tiles(tp):
+        out, _ = torch.ops.memattn.attention(*leaves, None, None, None, 0.2, 0.0, True, 0, float("-inf"), True, 0.0,
+                                             False, "triton")
+        out.sum().backward()
+    assert dispatch.fallbacks == before
+    d64 = [t.double() for t in (q, k, v)]
+    spec = Spec(scale=0.2, causal=True)
+    want, lse = reference.attention_forward(*d64, None, None, None, spec)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    grads = reference.attention_backward(torch.ones_like(want), *d64, want, lse, None, None, None, spec)
+    for got, w in zip((t.grad for t in leaves), grads):
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- GPU-only grid
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 112, 128, 160, 256])
+def test_gpu_head_dims_odd_lengths(tp, dtype, d):
+    q, k, v = make(dtype, z=2, h=4, hkv=2, m=333, n=1000, d=d)
+    with tp.force_config(64, 64, num_warps=8 if d > 64 else 4, num_stages=2):
+        check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=d % 2 == 0, causal_offset=667))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_autotuned(tp, d, causal):
+    """The autotuned configs (the ones the benchmark times) on the benchmark's layout."""
+    q, k, v = make(BF16, z=2, h=4, m=1024, n=1024, d=d)
+    check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=causal))
+
+
+@gpu
+@needs_cuda
+def test_gpu_long_odd_gqa_features(tp):
+    q, k, v = make(BF16, z=1, h=8, hkv=2, m=4095, n=4095, d=128)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(1, 8, 1, 4095, generator=g).to(DEV, BF16)
+    check(tp, q, k, v, bias, None, Spec(scale=128 ** -0.5, causal=True, dropout_p=0.1), bias_grad=True)
+
+
+@gpu
+@needs_cuda
+def test_gpu_int64_offsets(tp):
+    """Z*H*M*D past 2**31 elements: batch/head offsets must be int64."""
+    z, h, m, d = 1, 4100, 4096, 128  # 2.15e9 elements of q
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+        pytest.skip("not enough GPU memory")
+    q = torch.randn(z, h, m, d, device=DEV, dtype=F16)
+    k = q[:, :, :128]
+    v = q[:, :, :128]
+    out, _ = tp.forward(q, k, v, None, None, None, Spec(scale=d ** -0.5))
+    last = slice(h - 1, h)
+    want, _ = reference.attention_forward(q[:, last].float(), k[:, last].float(), v[:, last].float(), None, None,
+                                          None, Spec(scale=d ** -0.5))
+    torch.testing.assert_close(out[:, last].float(), want, rtol=2e-2, atol=2e-2)
