@@ -818,7 +818,7 @@ def _common(q, k, v, bias, mask, seed, spec: Spec):
         sd = sd.reshape(1).to(device=q.device, dtype=torch.int64)
     else:
         sd = dummy
-    softcap = spec.softcap > 0
+    softcap = spec.softcap != 0  # even in softcap: a negative cap is the same function as its absolute value
     scal = dict(
         qk_scale=spec.scale * LOG2E,
         softcap_in=(spec.scale / spec.softcap) if softcap else 0.0,
