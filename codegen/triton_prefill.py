@@ -114,20 +114,19 @@ def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm,
     else:
         t = qk
         s = qk * qk_scale
-    if HAS_BIAS or HAS_MASK:
-        if EVEN_M and EVEN_N:
-            inb = None
-        elif EVEN_M:
-            inb = cols < N
-        elif EVEN_N:
-            inb = rows < M
-        else:
-            inb = (rows < M) & (cols < N)
     if HAS_BIAS:
-        b = tl.load(bias_ptr + rows * stride_bm + cols * stride_bn, mask=inb, other=0.0)
+        b_ptrs = bias_ptr + rows * stride_bm + cols * stride_bn
+        if EVEN_M and EVEN_N:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=(rows < M) & (cols < N), other=0.0)
         s = s + b.to(tl.float32) * 1.4426950408889634
     if HAS_MASK:
-        mk = tl.load(mask_ptr + rows * stride_mm + cols * stride_mn, mask=inb, other=0) != 0
+        mk_ptrs = mask_ptr + rows * stride_mm + cols * stride_mn
+        if EVEN_M and EVEN_N:
+            mk = tl.load(mk_ptrs) != 0
+        else:
+            mk = tl.load(mk_ptrs, mask=(rows < M) & (cols < N), other=0) != 0
         if MASK_KEEP:
             s = tl.where(mk, s, fill2)
         else:

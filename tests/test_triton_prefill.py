@@ -218,6 +218,7 @@ CASES = {
                        dict(bias=(2, 21, 1), bias_grad=True)),
     "bias_scalar_grad": (F32, dict(m=9, n=11, d=16), {}, dict(bias=(1, 1), bias_grad=True)),
     "bias_2d_nograd": (F16, dict(m=17, n=17, d=32), {}, dict(bias=(17, 17))),
+    "bias_mask_even": (F16, dict(m=32, n=48, d=32), {}, dict(bias=(1, 2, 32, 48), bias_grad=True, mask=(32, 48))),
     "mask_keep": (F16, dict(z=2, m=17, n=23, d=32), {}, dict(mask=(2, 1, 17, 23))),
     "mask_drop_fill": (BF16, dict(m=20, n=20, d=32), dict(mask_keep=False, mask_fill=-1e4), dict(mask=(20, 20))),
     "mask_causal_gqa": (F32, dict(h=4, hkv=2, m=17, n=17, d=32), dict(causal=True),
