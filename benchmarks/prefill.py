@@ -69,7 +69,7 @@ def measure(fn, q, k, v, causal, mode):
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    ms = do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+    ms = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], return_mode="median")
     return ms, peak
 
 
