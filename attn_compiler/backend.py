@@ -57,15 +57,12 @@ def _describe(plan) -> tuple[str, dict]:
     st = plan.st
     fams = list(st.families)
     flags = {
-        "scale": " * ".join(f"{'1/' if k == 'div' else ''}{getattr(v, 'name', v)}" for k, v in st.scale) or "1",
         "causal": st.causal is not None,
         "bias": len(st.biases),
         "bool_masks": len(st.masks),
         "dropout_p": st.dropout_p,
         "gqa": plan.gqa_ratio,
     }
-    if st.softcap_post is not None:
-        flags["softcap"] = True
     if st.causal_note:
         flags["note"] = st.causal_note
     return "+".join(fams), flags
@@ -93,7 +90,8 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
         site.shapes = _shapes(plan)
         try:
             site.scores_bytes = _scores_bytes(plan.chain)
-            emit(plan, fake_mode, opts.kernels)
+            att = emit(plan, fake_mode, opts.kernels)
+            site.flags = {"scale": att.args[6], "softcap": att.args[7], **site.flags}
         except Reject as e:
             site.reason = str(e)
             continue

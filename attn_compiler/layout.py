@@ -38,11 +38,26 @@ Dims = list  # list[list[Factor]]
 
 
 def known_eq(a, b) -> bool:
-    """a == b provable without adding guards (sizes may be SymInts)."""
+    """a == b for sizes that may be SymInts: provable, or true for the example sizes and then guarded.
+
+    Sympy cannot always prove facts the program relies on (Hkv * (H // Hkv) == H in repeat_kv); when the example
+    sizes agree, the equality is installed as a Dynamo guard (a backend may add guards; a graph where it fails is
+    recompiled), so the rewrite stays proven for every input the compiled graph will see. When they disagree the
+    answer is False and nothing is guarded: the site is just left alone.
+    """
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     try:
-        return bool(statically_known_true(a == b))
+        if statically_known_true(a == b):
+            return True
+    except Exception:
+        return False
+    try:
+        hint_a = a.node.hint if isinstance(a, torch.SymInt) else a
+        hint_b = b.node.hint if isinstance(b, torch.SymInt) else b
+        if hint_a is None or hint_b is None or hint_a != hint_b:
+            return False
+        return bool(a == b)  # adds the guard
     except Exception:
         return False
 

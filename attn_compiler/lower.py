@@ -63,11 +63,19 @@ def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
             interp.tracer_graph = mode.tracer.graph
         return interp.run(*args)
 
-    with fx_traceback.preserve_node_meta(), enable_python_dispatcher():
+    # Dynamo captures .item() of float arguments (dynamic=True) as unbacked scalars; the retrace must allow them.
+    saved = fake_mode.allow_scalar_outputs if fake_mode is not None else None
+    try:
         if fake_mode is not None:
-            lowered = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
-        else:  # a graph without tensors inputs (rare): symbolic tracing makes the fake values
-            lowered = make_fx(traced, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
+            fake_mode.allow_scalar_outputs = True
+        with fx_traceback.preserve_node_meta(), enable_python_dispatcher():
+            if fake_mode is not None:
+                lowered = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
+            else:  # a graph without tensor inputs: symbolic tracing makes the fake values
+                lowered = make_fx(traced, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
+    finally:
+        if fake_mode is not None:
+            fake_mode.allow_scalar_outputs = saved
     _restore_grad_mode(lowered.graph, interp.entry_grad)
     lowered.graph.eliminate_dead_code()
     lowered.recompile()

@@ -227,11 +227,14 @@ def _plan(path, softmax: fx.Node, dim: int) -> Plan:
     st, score_nodes, n_b = _walk_scores(path, softmax)
     rank = len(st.dims)
     d = dim + rank if dim < 0 else dim
-    if _atoms(st.dims[d]) != [("n",)]:
+    m_size, n_size = shape_of(path[0][0])[1:]
+    # a softmax over any unit axis is all ones, so with a single key the axis need not be told apart
+    if _atoms(st.dims[d]) != [("n",)] and not (known_eq(n_size, 1) and _atoms(st.dims[d]) == []):
         raise Reject(f"softmax over dim {dim}, which is not the key axis of q @ k^T")
     st.safe_softmax = softmax.target is aten._safe_softmax.default
     pv, prob, prob_nodes, pdims = _walk_probs(softmax, st)
-    want = [[("b", i) for i in range(n_b)], [("m",)], [("n",)]]
+    want = [[("b", i) for i in range(n_b)], [] if known_eq(m_size, 1) else [("m",)],
+            [] if known_eq(n_size, 1) else [("n",)]]
     if [_atoms(f) for f in pdims] != want:
         raise Reject("the probabilities reach the PV matmul in another layout than the scores")
     qk = path[0][0]

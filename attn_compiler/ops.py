@@ -7,8 +7,9 @@ Arguments (the semantics are spelled out in ``attn_compiler/codegen/reference.py
     seed   int64 0-d tensor for dropout, or None
     scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax   see the reference
     kernel "auto" | "triton" | "reference"
-Returns (out [Z, H, M, Dv] contiguous in v.dtype, lse [Z, H, M] fp32 (fp64 for fp64 inputs)). The backward recomputes blockwise from
-(q, k, v, out, lse): nothing of size M x N is saved.
+Returns (out [Z, H, M, Dv] contiguous in v.dtype, stats [2, Z, H, M] fp32 (fp64 for fp64 inputs): each row's max
+score and the log of its sum of exp(s - max); logsumexp = stats[0] + stats[1]). The backward recomputes blockwise
+from (q, k, v, out, stats): nothing of size M x N is saved.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from attn_compiler.codegen import dispatch
-from attn_compiler.codegen.reference import Spec, lse_dtype
+from attn_compiler.codegen.reference import Spec, stats_dtype
 
 _SCHEMA_ARGS = ("scale", "softcap", "causal", "causal_offset", "mask_fill", "mask_keep", "dropout_p",
                 "safe_softmax")
@@ -43,8 +44,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Opt
               mask_fill: float, mask_keep: bool, dropout_p: float, safe_softmax: bool,
               kernel: str) -> tuple[Tensor, Tensor]:
     spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
-    out, lse = dispatch.forward(q, k, v, bias, mask, seed, spec, kernel)
-    return out.contiguous(), lse
+    out, stats = dispatch.forward(q, k, v, bias, mask, seed, spec, kernel)
+    return out.contiguous(), stats
 
 
 @attention.register_fake
@@ -53,25 +54,25 @@ def _attention_fake(q, k, v, bias, mask, seed, scale, softcap, causal, causal_of
     _check_shapes(q, k, v)
     z, h, m, _ = q.shape
     out = q.new_empty((z, h, m, v.shape[3]), dtype=v.dtype)
-    lse = q.new_empty((z, h, m), dtype=lse_dtype(q.dtype))
-    return out, lse
+    stats = q.new_empty((2, z, h, m), dtype=stats_dtype(q.dtype))
+    return out, stats
 
 
 @torch.library.custom_op("memattn::attention_backward", mutates_args=())
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
                        bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
                        softcap: float, causal: bool, causal_offset: int, mask_fill: float, mask_keep: bool,
                        dropout_p: float, safe_softmax: bool, kernel: str,
                        bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
-    dq, dk, dv, dbias = dispatch.backward(dout, q, k, v, out, lse, bias, mask, seed, spec, kernel, bias_grad)
+    dq, dk, dv, dbias = dispatch.backward(dout, q, k, v, out, stats, bias, mask, seed, spec, kernel, bias_grad)
     if dbias is None:
         dbias = q.new_empty((0,))
     return dq, dk, dv, dbias
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, q, k, v, out, lse, bias, mask, seed, scale, softcap, causal, causal_offset,
+def _attention_backward_fake(dout, q, k, v, out, stats, bias, mask, seed, scale, softcap, causal, causal_offset,
                              mask_fill, mask_keep, dropout_p, safe_softmax, kernel, bias_grad):
     dbias = bias.new_empty(bias.shape) if (bias_grad and bias is not None) else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -79,16 +80,16 @@ def _attention_backward_fake(dout, q, k, v, out, lse, bias, mask, seed, scale, s
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, seed = inputs[:6]
-    out, lse = output
+    out, stats = output
     ctx.params = inputs[6:]
     ctx.bias_grad = bias is not None and bias.requires_grad
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, seed)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, stats, bias, mask, seed)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
-    dq, dk, dv, dbias = torch.ops.memattn.attention_backward(dout.contiguous(), q, k, v, out, lse, bias, mask,
+def _backward(ctx, dout, _dstats):
+    q, k, v, out, stats, bias, mask, seed = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.memattn.attention_backward(dout.contiguous(), q, k, v, out, stats, bias, mask,
                                                               seed, *ctx.params, ctx.bias_grad)
     return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, *([None] * len(ctx.params))
 

@@ -84,53 +84,64 @@ def materialize(em: Emitter, base: fx.Node, targets: list, ref: fx.Node | None) 
     return node
 
 
-def canonical_operand(em: Emitter, op: Operand, canon_atoms: list) -> fx.Node:
-    """A mask/bias broadcast against the scores at op.dims, as a 4-D view broadcastable to [Z, H, M, N]."""
+def canonical_operand(em: Emitter, op: Operand, canon_atoms: list, atom_size) -> fx.Node:
+    """A mask/bias broadcast against the scores at op.dims, as a 4-D view broadcastable to [Z, H, M, N].
+
+    Unit axes are squeezed, an axis holding several atoms (a mask on merged batch*heads) is unflattened, then the
+    axes are permuted to canonical order and unit axes inserted for the atoms the mask broadcasts over.
+    ``atom_size(atom)`` gives an int or a graph node for an atom's size (needed to unflatten symbolic axes).
+    """
     node = op.node
     tshape = list(shape_of(node))
     dims = op.dims
-    if len(tshape) > len(dims):
-        extra = len(tshape) - len(dims)
-        if any(not is_one(s) for s in tshape[:extra]):
-            raise Reject("the mask has more dims than the scores")
-        node = em.call(aten.squeeze.dims, node, list(range(extra)))
-        tshape = tshape[extra:]
-    aligned = dims[len(dims) - len(tshape):]
-    view_shape, atoms = [], []
-    for size, factors in zip(tshape, aligned):
+    if len(tshape) > len(dims) and any(not is_one(s) for s in tshape[:len(tshape) - len(dims)]):
+        raise Reject("the mask has more dims than the scores")
+    pad = [[]] * max(0, len(tshape) - len(dims))
+    aligned = pad + dims[max(0, len(dims) - len(tshape)):]
+    unit = [i for i, size in enumerate(tshape) if is_one(size)]
+    if unit:
+        node = em.call(aten.squeeze.dims, node, unit)
+    atoms = []
+    pos = 0
+    for i, (size, factors) in enumerate(zip(tshape, aligned)):
+        if i in unit:
+            continue
         fs = drop_unit(factors)
-        if is_one(size):
-            continue  # broadcast over whatever this score dim holds
-        if not known_eq(size, prod(f.size for f in fs)):
-            raise Reject("the mask does not broadcast against the scores")
-        for f in fs:
-            view_shape.append(f.size)
-            atoms.append(f.axis)
-    if len(view_shape) != len(tshape) or any(not known_eq(a, b) for a, b in zip(view_shape, tshape)):
-        if any(not isinstance(s, int) for s in view_shape):
-            raise Reject("the mask splits a symbolic dimension")
-        node = em.call(aten.view.default, node, view_shape)
+        if not fs or not known_eq(size, prod(f.size for f in fs)):
+            # the product is still guaranteed by broadcasting at run time when it is the only factor
+            if len(fs) != 1:
+                raise Reject("the mask does not broadcast against the scores")
+        if len(fs) > 1:
+            node = em.call(aten.unflatten.int, node, pos, [atom_size(f.axis) for f in fs])
+        atoms += [f.axis for f in fs]
+        pos += len(fs)
     order = [atoms.index(a) for a in canon_atoms if a in atoms]
     if order != list(range(len(order))):
         node = em.call(aten.permute.default, node, order)
-    present = [a for a in canon_atoms if a in atoms]
-    for pos, a in enumerate(canon_atoms):
-        if a not in present:
-            node = em.call(aten.unsqueeze.default, node, pos)
+    for p, a in enumerate(canon_atoms):
+        if a not in atoms:
+            node = em.call(aten.unsqueeze.default, node, p)
     if op.coef != 1:
         node = em.call(aten.mul.Tensor, node, op.coef)
     return node
 
 
-def _scalar(em: Emitter, factors, start=1.0):
-    """Multiply out ('mul'|'div', value) factors; emits sym arithmetic when a factor is a graph node."""
-    out = start
+def _scalar(factors, start=1.0) -> float:
+    """Multiply out ('mul'|'div', value) factors into a float.
+
+    A factor computed from shapes (1/sqrt(d) of a symbolic head dim) is specialised to its value with a guard: the
+    kernel takes the scale as a constant, and a new head dim recompiles. A factor read from tensor data at run time
+    (an unbacked scalar) cannot be, and the site is left alone.
+    """
+    out = float(start)
     for kind, v in factors:
-        fn = operator.mul if kind == "mul" else operator.truediv
-        if isinstance(out, fx.Node) or isinstance(v, fx.Node):
-            out = em.call(fn, out, v)
-        else:
-            out = fn(out, v)
+        if isinstance(v, fx.Node):
+            sym = val(v)
+            try:
+                v = float(sym)  # guards on the shape expression
+            except Exception:
+                raise Reject(f"the scale {v.name} is a value read from a tensor at run time, not a constant")
+        out = out * v if kind == "mul" else out / v
     return out
 
 
@@ -151,28 +162,34 @@ def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
     q4 = materialize(em, plan.q.base, plan.q_targets, None)
     k4 = materialize(em, plan.k.base, plan.k_targets, q4)
     v4 = materialize(em, plan.v.base, plan.v_targets, q4)
+    def atom_size(atom):
+        pos = plan.canon_atoms.index(atom)
+        ref, axis = (k4, 2) if atom == ("n",) else (q4, pos)
+        size = shape_of(ref)[axis]
+        return size if isinstance(size, int) else em.call(aten.sym_size.int, ref, axis)
+
     bias = None
     for op in st.biases:
-        b = canonical_operand(em, op, plan.canon_atoms)
+        b = canonical_operand(em, op, plan.canon_atoms, atom_size)
         bias = b if bias is None else em.call(aten.add.Tensor, bias, b)
     mask = None
     keep = True
     fill = float("-inf")
     for op in st.masks:
-        m = canonical_operand(em, op, plan.canon_atoms)
+        m = canonical_operand(em, op, plan.canon_atoms, atom_size)
         if len(st.masks) > 1 and not op.keep:
             m = em.call(aten.logical_not.default, m)
         mask = m if mask is None else em.call(aten.logical_and.default, mask, m)
         fill = op.fill
         keep = op.keep if len(st.masks) == 1 else True
     if st.softcap_post is not None:
-        cap = _scalar(em, st.softcap_post)
-        if isinstance(cap, fx.Node) or cap <= 0:
-            raise Reject("the soft-cap is not a positive constant")
-        scale = _scalar(em, st.scale, cap)
-        softcap = float(cap)
+        cap = _scalar(st.softcap_post)  # s = cap * tanh(pre * qk) = cap * tanh((pre * cap) * qk / cap)
+        if cap == 0:
+            raise Reject("the soft-cap multiplier is zero")
+        scale = _scalar(st.scale + [("mul", cap)])
+        softcap = cap
     else:
-        scale = _scalar(em, st.scale)
+        scale = _scalar(st.scale)
         softcap = 0.0
     seed = None
     if st.dropout_p > 0:

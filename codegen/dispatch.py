@@ -65,8 +65,8 @@ def forward(q, k, v, bias, mask, seed, spec, kernel: str):
     return _run("forward", kernel, q, (q, k, v, bias, mask, seed, spec), reference.attention_forward)
 
 
-def backward(dout, q, k, v, out, lse, bias, mask, seed, spec, kernel: str, bias_grad: bool):
-    def ref(dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad):
-        return reference.attention_backward(dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad)
+def backward(dout, q, k, v, out, stats, bias, mask, seed, spec, kernel: str, bias_grad: bool):
+    def ref(dout, q, k, v, out, stats, bias, mask, seed, spec, bias_grad):
+        return reference.attention_backward(dout, q, k, v, out, stats, bias, mask, seed, spec, bias_grad)
 
-    return _run("backward", kernel, q, (dout, q, k, v, out, lse, bias, mask, seed, spec, bias_grad), ref)
+    return _run("backward", kernel, q, (dout, q, k, v, out, stats, bias, mask, seed, spec, bias_grad), ref)

@@ -9,13 +9,18 @@ largest intermediate is one (block_m x block_n) tile per head.
 Semantics (shared with the kernels; see ``attn_compiler/ops.py`` for the argument list):
 
     s = scale * (q @ k^T)                        in fp32
-    s = softcap * tanh(s / softcap)               if softcap > 0
+    s = softcap * tanh(s / softcap)               if softcap != 0 (even in softcap)
     s = s + bias                                  if bias is given (float, broadcast to [Z, H, M, N])
     s = where(keep, s, mask_fill)                 if mask is given; keep = mask if mask_keep else ~mask
     s = where(j <= i + causal_offset, s, -inf)    if causal
     p = softmax(s, -1)                            fully-masked rows: NaN as eager gives, or 0 if safe_softmax
     p = p * keep_dropout / (1 - dropout_p)        if dropout_p > 0 (codegen/rng.py decides keep_dropout)
-    out = p @ v ;  lse = logsumexp(s, -1)
+    out = p @ v
+    stats = (m, log l): the row max of s and the log of sum(exp(s - m)), stacked as [2, Z, H, M]
+
+The backward recomputes p = exp((s - m) - log l). Keeping the two apart (rather than lse = m + log l) matters when
+m is huge: a row masked everywhere with finfo.min has m = -3.4e38, where log l is absorbed into lse and
+exp(s - lse) would give 1 instead of 1/N.
 
 GQA: q has H heads, k and v have Hkv heads, H % Hkv == 0, query head h reads kv head h // (H // Hkv).
 """
@@ -46,7 +51,7 @@ class Spec:
     safe_softmax: bool = False
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -105,7 +110,7 @@ class _Problem:
         spec = self.spec
         s = torch.matmul(qi, self.k5[..., j0:j1, :].to(self.acc).transpose(-1, -2)) * spec.scale
         t = None
-        if spec.softcap > 0:
+        if spec.softcap != 0:
             t = torch.tanh(s / spec.softcap)
             s = t * spec.softcap
         if self.bias5 is not None:
@@ -132,12 +137,12 @@ class _Problem:
 
 def attention_forward(q, k, v, bias, mask, seed, spec: Spec, block_m: int | None = None,
                       block_n: int | None = None):
-    """Returns (out [Z, H, M, Dv] in v.dtype, lse [Z, H, M] fp32)."""
+    """Returns (out [Z, H, M, Dv] in v.dtype, stats [2, Z, H, M] fp32: row max and log of the row sum)."""
     bm, bn = block_m or BLOCK_M, block_n or BLOCK_N
     pb = _Problem(q, k, v, bias, mask, seed, spec)
     z, hkv, rep = pb.shape5
     out = torch.empty(z, hkv, rep, pb.m, pb.dv, dtype=v.dtype, device=q.device)
-    lse = torch.empty(z, hkv, rep, pb.m, dtype=lse_dtype(q.dtype), device=q.device)
+    stats = torch.empty(2, z, hkv, rep, pb.m, dtype=stats_dtype(q.dtype), device=q.device)
     for i0 in range(0, pb.m, bm):
         i1 = min(pb.m, i0 + bm)
         qi = pb.q5[..., i0:i1, :].to(pb.acc)
@@ -165,8 +170,9 @@ def attention_forward(q, k, v, bias, mask, seed, spec: Spec, block_m: int | None
         if spec.safe_softmax:
             o = torch.where((l_i == 0)[..., None], torch.zeros_like(o), o)
         out[..., i0:i1, :] = o.to(v.dtype)
-        lse[..., i0:i1] = m_i + torch.log(l_i)
-    return out.flatten(1, 2), lse.flatten(1, 2)
+        stats[0, ..., i0:i1] = m_i
+        stats[1, ..., i0:i1] = torch.log(l_i)
+    return out.flatten(1, 2), stats.flatten(2, 3)
 
 
 def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:
@@ -175,15 +181,16 @@ def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, spec: Spec, bias_grad: bool = False,
+def attention_backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad: bool = False,
                        block_m: int | None = None, block_n: int | None = None):
-    """Returns (dq, dk, dv, dbias or None); probabilities are recomputed tile by tile from lse."""
+    """Returns (dq, dk, dv, dbias or None); probabilities are recomputed tile by tile from the stats."""
     bm, bn = block_m or BLOCK_M, block_n or BLOCK_N
     pb = _Problem(q, k, v, bias, mask, seed, spec)
     z, hkv, rep = pb.shape5
     acc = pb.acc
     do5 = dout.unflatten(1, (hkv, rep)).to(acc)
-    lse5 = lse.unflatten(1, (hkv, rep)).to(acc)
+    m5 = stats[0].unflatten(1, (hkv, rep)).to(acc)
+    logl5 = stats[1].unflatten(1, (hkv, rep)).to(acc)
     delta = (do5 * out.unflatten(1, (hkv, rep)).to(acc)).sum(-1)  # D_i = rowsum(dO * O)
     dq = torch.zeros(z, hkv, rep, pb.m, q.shape[-1], device=q.device, dtype=acc)
     dk = torch.zeros(z, hkv, pb.n, k.shape[-1], device=q.device, dtype=acc)
@@ -195,11 +202,12 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, spec: Spec, bi
         i1 = min(pb.m, i0 + bm)
         qi = pb.q5[..., i0:i1, :].to(acc)
         doi = do5[..., i0:i1, :]
-        lse_i = lse5[..., i0:i1, None]
+        m_i = m5[..., i0:i1, None]
+        logl_i = logl5[..., i0:i1, None]
         for j0 in range(0, pb.key_stop(i1), bn):
             j1 = min(pb.n, j0 + bn)
             s, t = pb.scores(qi, i0, i1, j0, j1)
-            p = torch.exp(s - lse_i)
+            p = torch.exp((s - m_i) - logl_i)
             vj = pb.v5[..., j0:j1, :].to(acc)
             drop = pb.dropout_scale(i0, i1, j0, j1)
             pd = p if drop is None else p * drop

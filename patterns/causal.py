@@ -350,17 +350,18 @@ def causal_offset(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
         return None
     aligned = score_dims[len(score_dims) - rank:]
     c_m = c_n = 0
+    has_m = any(f.axis == ("m",) and not known_eq(f.size, 1) for d in score_dims for f in d)
     for coef, factors in zip(pred.coef, aligned):
-        if coef == 0:
-            continue
         atoms = [f.axis for f in factors if not known_eq(f.size, 1)]
+        if coef == 0 or not atoms:  # a unit axis: its index is always 0
+            continue
         if atoms == [("m",)]:
             c_m += coef
         elif atoms == [("n",)]:
             c_n += coef
         else:
             return None
-    if c_n == 1 and c_m == -1:
+    if c_n == 1 and (c_m == -1 or (c_m == 0 and not has_m)):  # a single query row is row 0
         return pred.bound, fill
     return None
 

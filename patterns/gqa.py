@@ -16,7 +16,14 @@ def align(q_factors, kv_factors, head_pos: int, what: str):
     out, j = [], 0
     for i, fq in enumerate(q_factors):
         group, total = [], 1
-        while not (group and known_eq(total, fq.size)):
+        if i == len(q_factors) - 1:
+            # The matmul needs equal batch sizes at run time, and every earlier group was proven equal, so the
+            # remaining factors multiply to this one's size even when sympy cannot show it (s1 vs s2*(s1//s2)).
+            group = list(kv_factors[j:])
+            j = len(kv_factors)
+            if not group:
+                raise Reject(f"{what}'s batch/head dims do not line up with q's")
+        while not (group and (i == len(q_factors) - 1 or known_eq(total, fq.size))):
             if j >= len(kv_factors):
                 raise Reject(f"{what}'s batch/head dims do not line up with q's")
             group.append(kv_factors[j])

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+import attn_compiler  # noqa: F401  (registers the ops)
+from attn_compiler.codegen import reference
+
+# (atol, error multiple): compiled error vs the fp64 truth may be at most MULT x eager's error in the same dtype,
+# plus ATOL (eager can be exact on tiny inputs, which would make a pure ratio meaningless).
+TOL = {
+    torch.float64: (1e-9, 2.0),
+    torch.float32: (2e-6, 4.0),
+    torch.bfloat16: (1e-2, 2.0),
+    torch.float16: (2e-3, 2.0),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(monkeypatch):
+    """Every test compiles from scratch, with reference tiles small enough that short sequences cross tiles."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(reference, "BLOCK_M", 16)
+    monkeypatch.setattr(reference, "BLOCK_N", 16)
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,101 @@
+"""Comparison helpers shared by the tests: fp64 truth, eager error, first-bad-element reporting."""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attn_compiler
+from conftest import TOL
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    both_nan = a.isnan() & b.isnan()
+    d = (a.detach().double() - b.detach().double()).abs().masked_fill(both_nan, 0)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def describe_mismatch(got: torch.Tensor, want: torch.Tensor, n: int = 5) -> str:
+    got, want = got.detach(), want.detach()
+    d = (got.double() - want.double()).abs().nan_to_num(float("inf"))
+    d = d.masked_fill(got.isnan() & want.isnan(), 0)
+    flat = d.flatten()
+    idx = flat.topk(min(n, flat.numel())).indices
+    rows = []
+    for i in idx.tolist():
+        pos = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), d.shape))
+        rows.append(f"  at {pos}: got {got[pos].item():.6g}, want {want[pos].item():.6g}")
+    return "\n".join(rows)
+
+
+def assert_close_to_truth(got, eager, truth, dtype, what="output"):
+    """|got - truth| <= MULT * |eager - truth| + ATOL, NaNs where (and only where) the truth has them."""
+    atol, mult = TOL[dtype]
+    assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    assert torch.equal(got.isnan(), truth.isnan()), f"{what}: NaN pattern differs from the fp64 truth"
+    err, base = _max_err(got, truth), _max_err(eager, truth)
+    assert err <= mult * base + atol, (
+        f"{what}: error {err:.3g} vs eager's {base:.3g} (dtype {dtype}, budget {mult}x + {atol})\n"
+        + describe_mismatch(got, truth))
+
+
+def run_fwd_bwd(fn, inputs, grad_out=None):
+    """Output and grads of the float inputs that require grad."""
+    out = fn(*inputs)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves:
+        return out, []
+    g = grad_out if grad_out is not None else torch.ones_like(out)
+    grads = torch.autograd.grad(out, leaves, g.to(out.dtype), allow_unused=True)
+    return out, list(grads)
+
+
+def clone_inputs(inputs, dtype=None):
+    out = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            c = t.detach().to(dtype or t.dtype).clone()
+            c.requires_grad_(t.requires_grad)
+            out.append(c)
+        else:
+            out.append(t)
+    return out
+
+
+def check_against_eager(fn, inputs, dtype, *, dynamic=False, rewritten=1, left=0, fullgraph=True,
+                        grad=True, options=None):
+    """Compile fn with memattn and check output and grads vs eager and the fp64 truth; returns the report."""
+    torch.manual_seed(1234)
+    base = [t.detach().requires_grad_(grad and t.dtype.is_floating_point) if isinstance(t, torch.Tensor) else t
+            for t in inputs]
+    with torch.no_grad():
+        g = torch.randn_like(fn(*clone_inputs(base, torch.float64)))
+    truth, truth_g = run_fwd_bwd(fn, clone_inputs(base, torch.float64), g)
+    eager, eager_g = run_fwd_bwd(fn, clone_inputs(base, dtype), g)
+    compiled = torch.compile(fn, backend="memattn", dynamic=dynamic, fullgraph=fullgraph, options=options)
+    got, got_g = run_fwd_bwd(compiled, clone_inputs(base, dtype), g)
+    report = attn_compiler.last_report()
+    assert len(report.rewritten) == rewritten and len(report.left) == left, str(report)
+    assert got.dtype == eager.dtype
+    assert_close_to_truth(got, eager, truth, dtype)
+    for i, (a, e, t) in enumerate(zip(got_g, eager_g, truth_g)):
+        if t is None:
+            assert a is None or not a.abs().sum(), f"grad {i}: expected none"
+            continue
+        assert_close_to_truth(a, e, t, dtype, what=f"grad of input {i}")
+    return report
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out
