@@ -99,3 +99,36 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
                 self.largest, self.op = t.numel(), func
         return out
+
+
+def check_model(model, inputs, dtype, *, dynamic=False, rewritten=None, left=0, fullgraph=True, options=None,
+                train=True):
+    """Like check_against_eager for an nn.Module: fp64 copy as truth, outputs and parameter grads compared."""
+    import copy
+
+    torch.manual_seed(4321)
+    models = {name: copy.deepcopy(model).to(dt) for name, dt in
+              (("truth", torch.float64), ("eager", dtype), ("compiled", dtype))}
+    for m in models.values():
+        m.train(train)
+    results = {}
+    g = None
+    for name, m in models.items():
+        fn = m if name != "compiled" else torch.compile(m, backend="memattn", dynamic=dynamic, fullgraph=fullgraph,
+                                                        options=options)
+        ins = clone_inputs(inputs, torch.float64 if name == "truth" else dtype)
+        out = fn(*ins)
+        if g is None:
+            g = torch.randn_like(out, dtype=torch.float64)
+        grads = torch.autograd.grad(out, list(m.parameters()), g.to(out.dtype), allow_unused=True)
+        results[name] = (out, grads)
+    report = attn_compiler.last_report()
+    if rewritten is not None:
+        assert len(report.rewritten) == rewritten and len(report.left) == left, str(report)
+    (t_out, t_g), (e_out, e_g), (c_out, c_g) = results["truth"], results["eager"], results["compiled"]
+    assert_close_to_truth(c_out, e_out, t_out, dtype)
+    for (pname, _), a, e, t in zip(model.named_parameters(), c_g, e_g, t_g):
+        if t is None:
+            continue
+        assert_close_to_truth(a, e, t, dtype, what=f"grad of {pname}")
+    return report

@@ -1,0 +1,251 @@
+"""The backend as users meet it: entry point, options, reports, training, graph breaks, inner compilers."""
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attn_compiler
+from attn_compiler import options
+from attn_compiler.patterns import scaled
+from helpers import LargestTensor, check_against_eager, check_model
+
+
+def qkv(s=17, d=16, b=2, h=4, grad=False):
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(b, h, s, d, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def test_entry_point_in_a_fresh_interpreter():
+    code = ("import sys, torch\n"
+            "f = torch.compile(lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v, backend='memattn')\n"
+            "q = torch.randn(1, 2, 8, 4)\n"
+            "f(q, q, q)\n"
+            "import attn_compiler\n"
+            "print(len(attn_compiler.last_report().rewritten))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"memory_buget": "8GiB"}, "unknown option"),
+    ({"memory_budget": "lots"}, "memory_budget must be"),
+    ({"memory_budget": -5}, "memory_budget must be"),
+    ({"memory_budget": 0}, "memory_budget must be"),
+    ({"memory_budget": "0GiB"}, "memory_budget must be"),
+    ({"memory_budget": 1.5}, "memory_budget must be"),
+    ({"memory_budget": True}, "memory_budget must be"),
+    ({"kernels": "cuda"}, "kernels must be one of"),
+    ({"inner": "tvm"}, "inner must be one of"),
+    ({"report": ""}, "report must be"),
+    ({"mode": "fast"}, "mode must be one of"),
+])
+def test_bad_options_raise_value_error_naming_what_is_allowed(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        attn_compiler.backend(**bad)
+    f = torch.compile(scaled.div_scores, backend="memattn", options=bad)
+    with pytest.raises(Exception) as info:
+        f(*qkv())
+    assert needle in str(info.value)
+
+
+def test_triton_kernels_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        attn_compiler.backend(kernels="triton")
+
+
+def test_budget_parsing():
+    assert options.parse_budget("8GiB") == 8 * 2 ** 30
+    assert options.parse_budget("512MB") == 512 * 10 ** 6
+    assert options.parse_budget("1.5 gib") == int(1.5 * 2 ** 30)
+    assert options.parse_budget(4096) == 4096
+    assert options.parse_budget(0.5) == 0.5
+    assert options.parse({"memory_budget": 0.25}).budget_bytes(1000) == 250
+
+
+def test_mode_and_options_accepted():
+    """torch.compile takes mode or options, not both; options may carry the mode too."""
+    torch.compile(scaled.div_scores, backend="memattn", mode="max-autotune-no-cudagraphs")(*qkv())
+    assert attn_compiler.last_report().options.mode == "max-autotune-no-cudagraphs"
+    torch._dynamo.reset()
+    f = torch.compile(scaled.div_scores, backend="memattn", options={"kernels": "reference", "mode": "default"})
+    f(*qkv())
+    assert attn_compiler.last_report().options.kernels == "reference"
+
+
+def test_report_text_and_location(tmp_path):
+    path = tmp_path / "r.txt"
+    out = torch.compile(scaled.div_scores, backend="memattn", options={"report": str(path)})(*qkv())
+    rep = attn_compiler.last_report()
+    site = rep.sites[0]
+    assert site.location.endswith("patterns/scaled.py:" + str(scaled.div_scores.__code__.co_firstlineno + 1))
+    assert "softmax" in site.source_line
+    assert int(site.scores_bytes) == 3 * (2 * 4 * 17 * 17 * 4)  # QK^T, its scaled copy and the softmax, fp32
+    text = path.read_text()
+    assert "1 rewritten" in text and "memattn.attention" in text and "-    _softmax" in text
+    assert text == str(rep) + "\n"
+    assert out.shape == (2, 4, 17, 16)
+
+
+def test_report_true_logs(caplog):
+    with caplog.at_level(logging.WARNING, logger="attn_compiler"):
+        torch.compile(scaled.div_scores, backend="memattn", options={"report": True})(*qkv())
+    assert "1 rewritten" in caplog.text
+
+
+def test_report_html(tmp_path):
+    path = tmp_path / "r.html"
+    torch.compile(scaled.div_scores, backend="memattn", options={"report": str(path)})(*qkv())
+    page = path.read_text()
+    assert page.startswith("<!doctype html>") and "memattn.attention" in page and "rewritten" in page
+
+
+def test_symbolic_formula_with_dynamic_shapes():
+    torch.compile(scaled.div_scores, backend="memattn", dynamic=True)(*qkv())
+    expr = attn_compiler.last_report().sites[0].scores_bytes
+    assert expr.free_symbols, expr  # the n^2 bytes stay a formula in the shape symbols
+    degrees = [sum(m.values()) for m in [dict(zip(expr.free_symbols, t)) for t in expr.as_poly().monoms()]]
+    assert max(degrees) == 4  # B * H * S * S
+
+
+def test_compiled_model_has_no_n_by_n_tensor():
+    s = 256
+    q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for _ in range(3))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(attn_compiler.memattn(gm, example_inputs))
+        return graphs[-1]
+
+    torch.compile(scaled.div_scores, backend=capture)(q, k, v)
+    # Dynamo runs frames eagerly under a dispatch mode, so the probe calls the compiled graph itself
+    with LargestTensor() as probe:
+        graphs[0](q, k, v)[0].sum().backward()
+    assert probe.largest < s * s, (probe.largest, probe.op)
+    with LargestTensor() as eager_probe:
+        scaled.div_scores(q, k, v).sum().backward()
+    assert eager_probe.largest >= 2 * s * s
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, h=4, p=0.0):
+        super().__init__()
+        self.h, self.p = h, p
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.h, c // self.h).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        att = att.masked_fill(~mask, float("-inf"))
+        att = F.dropout(F.softmax(att, dim=-1), self.p, self.training)
+        y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
+        return self.proj(y)
+
+
+def test_fullgraph_two_layers_one_graph_training():
+    model = nn.Sequential(Block(), nn.GELU(), Block())
+    x = torch.randn(2, 19, 32)
+    before = attn_compiler.backend_counters()["graphs"]
+    report = check_model(model, [x], torch.float32, rewritten=2, fullgraph=True)
+    assert attn_compiler.backend_counters()["graphs"] == before + 1
+    assert all(s.flags["causal"] for s in report.sites)
+
+
+def test_parameter_gradients_match_eager():
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(2, 21, 32)
+    compiled = torch.compile(model, backend="memattn")
+    model.zero_grad()
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled(x).square().sum().backward()
+    for a, b in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    assert len(attn_compiler.last_report().rewritten) == 1
+
+
+def test_training_dropout_matches_the_op_on_the_same_seed():
+    """p > 0: the kernel's own RNG, seeded from the global generator. Same torch seed -> same result; and the
+    result equals dense attention with the op's drop decisions (checked in test_reference)."""
+    model = Block(p=0.2).train()
+    compiled = torch.compile(model, backend="memattn")
+    x = torch.randn(2, 19, 32)
+    torch.manual_seed(5)
+    a = compiled(x)
+    torch.manual_seed(5)
+    b = compiled(x)
+    c = compiled(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert attn_compiler.last_report().sites[0].flags["dropout_p"] == 0.2
+    model.eval()
+    torch.testing.assert_close(torch.compile(model, backend="memattn")(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_no_grad_region_inside_the_graph_keeps_its_semantics():
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def fn(q, k, v, w):
+        with torch.no_grad():
+            k2 = k @ w  # no gradient may reach w through here
+        return scaled.div_scores(q, k2, v) + (q @ w).sum()
+
+    q, k, v = qkv(grad=True)
+    out = torch.compile(fn, backend="memattn")(q, k, v, w)
+    gw, = torch.autograd.grad(out.sum(), [w])
+    ref, = torch.autograd.grad(fn(q, k, v, w).sum(), [w])
+    torch.testing.assert_close(gw, ref)
+    assert torch.is_grad_enabled()
+
+
+def test_graph_break_gives_two_reports_and_both_rewrite():
+    def fn(q, k, v):
+        a = scaled.div_scores(q, k, v)
+        torch._dynamo.graph_break()
+        return scaled.div_scores(a, k, v)
+
+    n = len(attn_compiler.reports())
+    torch.compile(fn, backend="memattn")(*qkv())
+    new = attn_compiler.reports()[n:]
+    assert [len(r.rewritten) for r in new] == [1, 1]
+
+
+def test_recompile_on_new_shapes_keeps_rewriting():
+    f = torch.compile(scaled.div_scores, backend="memattn")
+    for s in (8, 13):
+        q, k, v = qkv(s=s)
+        torch.testing.assert_close(f(q, k, v), scaled.div_scores(q, k, v), atol=1e-5, rtol=1e-5)
+        assert len(attn_compiler.last_report().rewritten) == 1
+
+
+def test_inner_inductor():
+    q, k, v = qkv(grad=True)
+    report = check_against_eager(scaled.div_scores, [q, k, v], torch.float32, options={"inner": "inductor"})
+    assert report.options.inner == "inductor"
+
+
+def test_pass_failure_runs_the_graph_unchanged(monkeypatch):
+    import attn_compiler.pipeline as be
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(be, "rewrite_graph", boom)
+    q, k, v = qkv()
+    with pytest.warns(RuntimeWarning, match="runs unchanged"):
+        out = torch.compile(scaled.div_scores, backend="memattn")(q, k, v)
+    torch.testing.assert_close(out, scaled.div_scores(q, k, v))
+    assert "injected" in attn_compiler.last_report().graphs[0].error

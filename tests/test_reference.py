@@ -1,0 +1,152 @@
+"""The op and its blockwise CPU implementation against a dense fp64 softmax(QK^T)V, across the flag grid."""
+import itertools
+
+import pytest
+import torch
+
+from attn_compiler.codegen import reference, rng
+from attn_compiler.codegen.reference import Spec
+from helpers import LargestTensor
+
+attention = torch.ops.memattn.attention
+
+
+def dense(q, k, v, bias, mask, spec: Spec, seed=None):
+    """softmax(QK^T)V written the obvious way in fp64, with the same dropout decisions as the op."""
+    h, hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(h // hkv, 1).double()
+    v = v.repeat_interleave(h // hkv, 1).double()
+    s = (q.double() @ k.transpose(-1, -2)) * spec.scale
+    if spec.softcap:
+        s = torch.tanh(s / spec.softcap) * spec.softcap
+    if bias is not None:
+        s = s + bias.double()
+    if mask is not None:
+        s = s.masked_fill(~mask if spec.mask_keep else mask, spec.mask_fill)
+    if spec.causal:
+        i = torch.arange(s.shape[-2])[:, None]
+        j = torch.arange(s.shape[-1])[None, :]
+        s = s.masked_fill(j > i + spec.causal_offset, float("-inf"))
+    p = torch.softmax(s, -1)
+    if spec.dropout_p:
+        z, hh, m, n = p.shape
+        zh = torch.arange(z * hh).view(z, hh, 1, 1)
+        keep = rng.keep_mask(rng.row_hash(int(seed), zh, torch.arange(m).view(1, 1, m, 1)), torch.arange(n),
+                             spec.dropout_p)
+        p = p * keep / (1 - spec.dropout_p)
+    return p @ v
+
+
+def call(q, k, v, bias, mask, spec: Spec, seed=None):
+    return attention(q, k, v, bias, mask, seed, spec.scale, spec.softcap, spec.causal, spec.causal_offset,
+                     spec.mask_fill, spec.mask_keep, spec.dropout_p, spec.safe_softmax, "reference")
+
+
+GRID = list(itertools.product(
+    [(1, 1), (17, 17), (17, 40), (127, 33)],    # (M, N): single query, tile-straddling, cross-attention
+    [16, 40, 64, 80],                            # head dims, powers of two and not
+    [(4, 4), (4, 2), (4, 1)],                    # (H, Hkv): MHA, GQA, MQA
+))
+
+
+@pytest.mark.parametrize("mn,d,heads", GRID, ids=lambda x: str(x))
+def test_forward_backward_vs_dense_fp64(mn, d, heads):
+    m, n = mn
+    h, hkv = heads
+    g = torch.Generator().manual_seed(m * 1000 + n + d + h * 7 + hkv)
+    q = torch.randn(2, h, m, d, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, hkv, n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, hkv, n, d + 8, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(1, h, m, n, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.rand(2, 1, 1, n, generator=g) > 0.25
+    mask[..., 0] = True
+    causal = m <= n
+    spec = Spec(scale=d ** -0.5, softcap=7.0, causal=causal, causal_offset=n - m, mask_fill=-1e9)
+    want = dense(q, k, v, bias, mask, spec)
+    got, _ = call(q, k, v, bias, mask, spec)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    go = torch.randn_like(want)
+    gw = torch.autograd.grad(want, (q, k, v, bias), go)
+    gg = torch.autograd.grad(got, (q, k, v, bias), go)
+    for name, a, b in zip("q k v bias".split(), gg, gw):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda s: f"d{name}: {s}")
+
+
+@pytest.mark.parametrize("offset", [-3, 0, 5])
+def test_causal_offsets_and_fully_masked_rows(offset):
+    q, k, v = (torch.randn(1, 2, 20, 8, dtype=torch.float64) for _ in range(3))
+    spec = Spec(scale=0.3, causal=True, causal_offset=offset)
+    got, _ = call(q, k, v, None, None, spec)
+    want = dense(q, k, v, None, None, spec)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, equal_nan=True)
+    assert got.isnan().any() == (offset < 0)  # rows before the diagonal's start see no key: NaN as in eager
+
+
+def test_safe_softmax_zeroes_fully_masked_rows():
+    q, k, v = (torch.randn(1, 1, 6, 4) for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[2] = False
+    out, _ = call(q, k, v, None, mask, Spec(scale=1.0, safe_softmax=True))
+    assert out[0, 0, 2].eq(0).all() and not out.isnan().any()
+
+
+def test_empty_key_length_gives_zeros_like_eager():
+    q = torch.randn(1, 2, 5, 8)
+    k = v = torch.randn(1, 2, 0, 8)
+    out, _ = call(q, k, v, None, None, Spec(scale=1.0))
+    eager = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    torch.testing.assert_close(out, eager)
+
+
+def test_no_n_by_n_intermediate(monkeypatch):
+    """Forward and backward at M = N = 512 with 64-wide tiles: nothing near M x N per head is ever allocated."""
+    monkeypatch.setattr(reference, "BLOCK_M", 64)
+    monkeypatch.setattr(reference, "BLOCK_N", 64)
+    z, h, n, d = 1, 2, 512, 16
+    q, k, v = (torch.randn(z, h, n, d, requires_grad=True) for _ in range(3))
+    spec = Spec(scale=0.25)
+    with LargestTensor() as probe:
+        out, _ = call(q, k, v, None, None, spec)
+        out.sum().backward()
+    tile = z * h * 64 * 64
+    assert probe.largest <= max(tile, z * h * n * d), (probe.largest, probe.op)
+    assert probe.largest < z * h * n * n // 8
+    # and the dense computation does allocate it: the probe would have seen it
+    with LargestTensor() as probe2:
+        torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    assert probe2.largest == z * h * n * n
+
+
+def test_dropout_is_deterministic_per_seed_and_matches_the_dense_mask():
+    q, k, v = (torch.randn(2, 2, 33, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    spec = Spec(scale=0.3, dropout_p=0.25)
+    seed = torch.tensor(1234)
+    a, _ = call(q, k, v, None, None, spec, seed)
+    b, _ = call(q, k, v, None, None, spec, seed)
+    c, _ = call(q, k, v, None, None, spec, torch.tensor(99))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    want = dense(q, k, v, None, None, spec, seed=1234)
+    torch.testing.assert_close(a, want, atol=1e-12, rtol=1e-12)
+    go = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+
+
+def test_dropout_keep_rate():
+    zh = torch.arange(8).view(8, 1, 1)
+    keep = rng.keep_mask(rng.row_hash(7, zh, torch.arange(256).view(1, 256, 1)), torch.arange(256), 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.005
+    # neighbouring elements are not correlated (a broken hash gives stripes)
+    assert abs((keep[:, :, 1:] & keep[:, :, :-1]).float().mean().item() - 0.49) < 0.01
+
+
+def test_gradcheck_with_bias_mask_softcap():
+    q, k, v = (torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(5, 5) > 0.3
+    mask[:, 0] = True
+
+    def f(q, k, v, bias):
+        return call(q, k, v, bias, mask, Spec(scale=0.7, softcap=3.0, mask_fill=float("-inf")))[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
