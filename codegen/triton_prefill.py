@@ -645,18 +645,20 @@ _FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) f
 
 def _prune_fwd(configs, named_args, **kwargs):
     d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
-    short = _arg(named_args, kwargs, "BUCKET_M") == 0
+    bucket = _arg(named_args, kwargs, "BUCKET_M")
+    # short causal rows: half of a 128-row block sits above the diagonal, so 64-row blocks are worth a try
+    small_m = bucket == 0 or (bucket == 1 and _arg(named_args, kwargs, "IS_CAUSAL"))
 
     def keep(c):
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-        if short and bm == 128:
+        if bucket == 0 and bm == 128:
             return False
-        if not short and bm == 64 and d < 256:
+        if bm == 64 and not small_m and d < 256:
             return False
         if d <= 64:
             return bn in (64, 128) and w == 4 and s in (3, 4)
         if d <= 128:
-            return bn in (64, 128) and w == 8 and s in (2, 3)
+            return (bn in (64, 128) and w == 8 and s in (2, 3)) or (bm == 128 and bn == 64 and w == 8 and s == 4)
         return bn in (32, 64) and w == 8 and s == 2
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 

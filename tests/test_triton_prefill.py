@@ -227,7 +227,7 @@ CASES = {
     "dropout_causal_gqa_fp16": (F16, dict(z=2, h=4, hkv=2, m=17, n=17, d=32), dict(causal=True, dropout_p=0.1), {}),
     "everything": (BF16, dict(z=2, h=4, hkv=2, m=19, n=21, d=48), dict(causal=True, causal_offset=2, softcap=5.0,
                                                                     dropout_p=0.2),
-                   dict(bias=(2, 1, 19, 21), bias_grad=True, mask=(19, 21))),
+                   dict(bias=(2, 1, 19, 21), bias_grad=True, mask=(19, 21), keep_diag=True)),
     "strided": (F16, dict(z=2, h=4, hkv=2, m=17, n=19, d=32, strided=True), dict(causal=True),
                 dict(strided_dout=True)),
     "strided_fp32_bias": (F32, dict(z=1, h=2, m=18, n=18, d=24, dv=40, strided=True), {},
