@@ -4,10 +4,10 @@ Same semantics as ``codegen/reference.py`` (read that first); this file is the f
 
 Kernels, in the order they run:
     _attn_fwd        one program per (query block, z*h): online softmax over key blocks, fp32 m_i / l_i / acc,
-                     writes out and lse (natural log, fp32)
+                     writes out and stats [2, Z, H, M] fp32 (row max, log row sum; natural units)
     _attn_bwd_pre    delta_i = rowsum(dO * O) in fp32 (FA2 preprocess)
     _attn_bwd_dkdv   one program per (key block, z*hkv): loops over the GQA group's query heads and their query
-                     blocks, recomputes p^T from lse, accumulates dk, dv in fp32 (no atomics: the group is summed
+                     blocks, recomputes p^T from stats, accumulates dk, dv in fp32 (no atomics: the group is summed
                      inside the program); adds ds into dbias with fp32 atomics when the bias needs a gradient
     _attn_bwd_dq     one program per (query block, z*h): loops over key blocks, recomputes p, accumulates dq
 Nothing of size M x N is ever written to memory.
@@ -29,12 +29,17 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
     HAS_DBIAS          backward: accumulate dbias (the gradient of s) into an fp32 buffer shaped like the bias;
                        DB_SUM_M / DB_SUM_N: the bias broadcasts over rows / columns, so the tile is first
                        summed over that axis and one vector (or scalar) is added atomically
+    NATURAL            scores kept in natural units (set when there is a bias or a mask): a finite fill or bias
+                       of finfo.min would overflow to -inf once scaled by log2(e), and a row masked everywhere
+                       with it must still give 1/N; exp(s - m) is then computed as exp2((s - m) * log2(e)), one
+                       more multiply per score. Without it log2(e) is folded into the scale (the fast path)
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
 
 Scores are kept in the log2 domain: s2 = s * log2(e); with no softcap the log2(e) is folded into the scale
-(qk_scale = scale * log2(e)) so each tile costs one multiply and exp2. lse is stored in natural log.
+(qk_scale = scale * log2(e)) so each tile costs one multiply and exp2, unless NATURAL. The stats are stored in natural
+units, as codegen/reference.py stores them; the backward takes p = exp((s - m) - log l) from them.
 Batch/head offsets are int64; offsets inside one head are int32 (rows * stride < 2**31).
 """
 from __future__ import annotations
@@ -103,7 +108,10 @@ def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm,
             qk_scale, softcap_in, softcap_out, fill2, causal_offset,
             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr,
             SOFTCAP: tl.constexpr, APPLY_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
-    """Raw q.k tile -> log2-domain scores s2 (and tanh(s/softcap), for the softcap backward).
+    """Raw q.k tile -> scores (and tanh(s/softcap), for the softcap backward).
+
+    The scores are in the log2 domain (log2(e) folded into qk_scale / softcap_out / fill) unless NATURAL, when the
+    host passes natural-unit constants and they stay in natural units (see NATURAL in the header).
 
     rows and cols are 2-D index tensors that broadcast to the tile: [BM, 1] x [1, BN] in the forward and dq
     kernels, [1, BM] x [BN, 1] in the transposed dk/dv kernel, so one helper serves both orientations.
@@ -120,7 +128,7 @@ def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm,
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=(rows < M) & (cols < N), other=0.0)
-        s = s + b.to(tl.float32) * 1.4426950408889634
+        s = s + b.to(tl.float32)  # a bias implies NATURAL: scores stay in natural units
     if HAS_MASK:
         mk_ptrs = mask_ptr + rows * stride_mm + cols * stride_mn
         if EVEN_M and EVEN_N:
@@ -138,6 +146,45 @@ def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm,
     return s, t
 
 
+@triton.jit
+def _exp_diff(s, m, NATURAL: tl.constexpr):
+    """exp(s - m) for scores in the kernel's domain; subtracting first keeps finfo.min - finfo.min exact."""
+    if NATURAL:
+        return tl.exp2((s - m) * 1.4426950408889634)
+    else:
+        return tl.exp2(s - m)
+
+
+@triton.jit
+def _row_stats(Stats, zh_m, ZHM, offs_m, M, EVEN_M: tl.constexpr, NATURAL: tl.constexpr,
+               SAFE_SOFTMAX: tl.constexpr):
+    """Backward: per-row (mrow, lrow) with p = exp(s - mrow - lrow) in the kernel's domain, from the forward's
+    stats (row max, log row sum; natural units). Rows past M get mrow = +inf, so p = 0 there."""
+    if EVEN_M:
+        m = tl.load(Stats + zh_m + offs_m)
+        logl = tl.load(Stats + ZHM + zh_m + offs_m)
+    else:
+        m = tl.load(Stats + zh_m + offs_m, mask=offs_m < M, other=float("inf"))
+        logl = tl.load(Stats + ZHM + zh_m + offs_m, mask=offs_m < M, other=0.0)
+    if NATURAL:  # the same max the forward subtracted, to the bit
+        mrow = m
+        lrow = logl * 1.4426950408889634
+    else:
+        mrow = (m + logl) * 1.4426950408889634
+        lrow = logl * 0.0
+    if SAFE_SOFTMAX:  # rows masked everywhere have m = -inf; their p is 0 and so is their gradient
+        mrow = tl.where(mrow == float("-inf"), float("inf"), mrow)
+    return mrow, lrow
+
+
+@triton.jit
+def _prob(s, mrow, lrow, NATURAL: tl.constexpr):
+    if NATURAL:
+        return tl.exp2((s - mrow) * 1.4426950408889634 - lrow)
+    else:
+        return tl.exp2(s - mrow)
+
+
 # ------------------------------------------------------------------------------------------------------ forward
 
 
@@ -149,7 +196,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               NATURAL: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -171,8 +218,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row still at -inf subtracts 0, not -inf (no inf - inf); a row masked everywhere ends as 0/0 = NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = _exp_diff(s, m_safe[:, None], NATURAL)
+        alpha = _exp_diff(m_i, m_safe, NATURAL)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = p * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
@@ -192,21 +239,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Lse,
+def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats,
               stride_qz, stride_qh, stride_qm, stride_qd,
               stride_kz, stride_kh, stride_kn, stride_kd,
               stride_vz, stride_vh, stride_vn, stride_vd,
               stride_bz, stride_bh, stride_bm, stride_bn,
               stride_mz, stride_mh, stride_mm, stride_mn,
               stride_oz, stride_oh, stride_om, stride_od,
-              H, M, N, D, DV, GQA_RATIO,
+              H, M, N, D, DV, GQA_RATIO, ZHM,
               qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
               BUCKET_M, BUCKET_N,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "head dims are padded to at least 16 for tl.dot")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:  # the longest rows first: better tail balance across SMs
@@ -254,27 +301,31 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Lse,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
     o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
         o = tl.where((l_i == 0.0)[:, None], 0.0, o)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    if NATURAL:
+        m_nat = m_i
+    else:
+        m_nat = m_i * 0.6931471805599453
+    logl = tl.log2(l_i) * 0.6931471805599453
     o_ptrs = (Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
               + offs_dv[None, :] * stride_od)
-    lse_ptrs = Lse + off_zh.to(tl.int64) * M + offs_m
+    st_ptrs = Stats + off_zh.to(tl.int64) * M + offs_m  # stats[0] = row max, stats[1] = log row sum
     if EVEN_M and EVEN_DV:
         tl.store(o_ptrs, o.to(Out.dtype.element_ty))
     elif EVEN_M:
@@ -282,9 +333,11 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Lse,
     else:
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
     if EVEN_M:
-        tl.store(lse_ptrs, lse)
+        tl.store(st_ptrs, m_nat)
+        tl.store(st_ptrs + ZHM, logl)
     else:
-        tl.store(lse_ptrs, lse, mask=offs_m < M)
+        tl.store(st_ptrs, m_nat, mask=offs_m < M)
+        tl.store(st_ptrs + ZHM, logl, mask=offs_m < M)
 
 
 # ----------------------------------------------------------------------------------------------------- backward
@@ -310,7 +363,7 @@ def _attn_bwd_pre(Out, DO, Delta,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_base, dbias_base, seed, off_zh,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bias_base, mask_base, dbias_base, seed, off_zh,
                 col_mul, offs_n, offs_m0, offs_d, offs_dv, lo, hi,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm, stride_mn,
                 stride_dbm, stride_dbn, M, N, D, DV,
@@ -319,7 +372,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
                 EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, HAS_DBIAS: tl.constexpr,
-                DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr):
     cols = offs_n[:, None]  # tile is [BLOCK_N, BLOCK_M]: keys down, queries across
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -335,21 +388,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
             do = tl.load(do_ptrs)
         else:
             do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        # rows past M: p = 0, so they add nothing (and nothing to dbias sums)
+        mrow, lrow = _row_stats(Stats, zh_m, ZHM, offs_m, M, EVEN_M, NATURAL, SAFE_SOFTMAX)
         if EVEN_M:
-            lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         else:
-            # rows past M: lse = +inf makes p = 0, so they add nothing (and nothing to dbias sums)
-            lse = tl.load(lse_base + offs_m, mask=offs_m < M, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < M, other=0.0)
-        lse2 = lse * 1.4426950408889634
-        if SAFE_SOFTMAX:  # rows masked everywhere have lse = -inf; their p is 0 and so is their gradient
-            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         qkt = _dot(k, qt, None, DOT_PREC)
         st, tt = _scores(qkt, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
                          qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                          HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
-        pt = tl.exp2(st - lse2[None, :])
+        pt = _prob(st, mrow[None, :], lrow[None, :], NATURAL)
         if HAS_DROPOUT:
             drop = _drop_scale(_row_hash(seed, off_zh, offs_m)[None, :], col_mul, dropout_p, inv_keep)
             dv = _dot((pt * drop).to(do.dtype), do, dv, DOT_PREC)
@@ -386,7 +435,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DK, DV_, DBias,
+def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
                    stride_qz, stride_qh, stride_qm, stride_qd,
                    stride_kz, stride_kh, stride_kn, stride_kd,
                    stride_vz, stride_vh, stride_vn, stride_vd,
@@ -396,15 +445,15 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DK, DV_, DBias,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
                    stride_dbz, stride_dbh, stride_dbm, stride_dbn,
-                   H, HKV, M, N, D, DV, GQA_RATIO,
+                   H, HKV, M, N, D, DV, GQA_RATIO, ZHM,
                    qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
                    BUCKET_M, BUCKET_N,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, HAS_DBIAS: tl.constexpr,
-                   DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, NATURAL: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     pid_n = tl.program_id(0)
     off_zhk = tl.program_id(1)
@@ -449,26 +498,28 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DK, DV_, DBias,
         off_zh = off_z * H + off_h
         q_base = Q + off_z * stride_qz + off_h * stride_qh
         do_base = DO + off_z * stride_doz + off_h * stride_doh
-        lse_base = Lse + off_zh * M
+        zh_m = off_zh * M
         delta_base = Delta + off_zh * M
         bias_base = Bias + off_z * stride_bz + off_h * stride_bh
         mask_base = Mask + off_z * stride_mz + off_h * stride_mh
         dbias_base = DBias + off_z * stride_dbz + off_h * stride_dbh
         if IS_CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_base,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bias_base, mask_base,
                                  dbias_base, seed, off_zh, col_mul, offs_n, offs_m0, offs_d, offs_dv, lo, mid,
                                  stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm,
                                  stride_mn, stride_dbm, stride_dbn, M, N, D, DV,
                                  qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
                                  BLOCK_M, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS, HAS_MASK, MASK_KEEP,
-                                 HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_base,
+                                 HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, NATURAL,
+                                 DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bias_base, mask_base,
                              dbias_base, seed, off_zh, col_mul, offs_n, offs_m0, offs_d, offs_dv, mid, M,
                              stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm,
                              stride_mn, stride_dbm, stride_dbn, M, N, D, DV,
                              qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
                              BLOCK_M, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS, HAS_MASK, MASK_KEEP,
-                             HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, DOT_PREC)
+                             HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, NATURAL,
+                                 DOT_PREC)
     dk_ptrs = (DK + off_z * stride_dkz + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV_ + off_z * stride_dvz + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
@@ -484,13 +535,13 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DK, DV_, DBias,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d, offs_dv,
+def _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d, offs_dv,
               lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
               M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
               BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
               EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
               MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              NATURAL: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -510,7 +561,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, 
         s, t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
                        qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                        HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
-        p = tl.exp2(s - lse2[:, None])
+        p = _prob(s, mrow[:, None], lrow[:, None], NATURAL)
         dp = _dot(do, vt, None, DOT_PREC)
         if HAS_DROPOUT:
             dp = dp * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
@@ -533,7 +584,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DQ,
+def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DQ,
                  stride_qz, stride_qh, stride_qm, stride_qd,
                  stride_kz, stride_kh, stride_kn, stride_kd,
                  stride_vz, stride_vh, stride_vn, stride_vd,
@@ -541,14 +592,14 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DQ,
                  stride_mz, stride_mh, stride_mm, stride_mn,
                  stride_doz, stride_doh, stride_dom, stride_dod,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqd,
-                 H, M, N, D, DV, GQA_RATIO,
+                 H, M, N, D, DV, GQA_RATIO, ZHM,
                  qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
                  BUCKET_M, BUCKET_N,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                  EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -575,17 +626,12 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DQ,
         do = tl.load(do_ptrs)
     else:
         do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
-    lse_ptrs = Lse + off_zh.to(tl.int64) * M + offs_m
+    mrow, lrow = _row_stats(Stats, off_zh.to(tl.int64) * M, ZHM, offs_m, M, EVEN_M, NATURAL, SAFE_SOFTMAX)
     delta_ptrs = Delta + off_zh.to(tl.int64) * M + offs_m
     if EVEN_M:
-        lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     else:
-        lse = tl.load(lse_ptrs, mask=offs_m < M, other=float("inf"))
         delta = tl.load(delta_ptrs, mask=offs_m < M, other=0.0)
-    lse2 = lse * 1.4426950408889634
-    if SAFE_SOFTMAX:
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     k_base = K + off_z * stride_kz + off_hk * stride_kh
     v_base = V + off_z * stride_vz + off_hk * stride_vh
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
@@ -599,22 +645,22 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Lse, Delta, DQ,
     if IS_CAUSAL:
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
+        dq = _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
                        offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                        dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
+                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+        dq = _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
                        offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                        dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
     else:
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
+        dq = _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
                        offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                        dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, DOT_PREC)
+                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
     dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
     if EVEN_M and EVEN_D:
@@ -759,7 +805,7 @@ def supports(*args):
         q, k, v, bias, mask, seed, spec = args
         bias_grad = False
     elif len(args) == 11:
-        _dout, q, k, v, _out, _lse, bias, mask, seed, spec, bias_grad = args
+        _dout, q, k, v, _out, _stats, bias, mask, seed, spec, bias_grad = args
     else:
         return False, f"triton_prefill.supports takes 7 or 11 arguments, got {len(args)}"
     if not (q.is_cuda or _interpret()):
@@ -820,11 +866,13 @@ def _common(q, k, v, bias, mask, seed, spec: Spec):
     else:
         sd = dummy
     softcap = spec.softcap != 0  # even in softcap: a negative cap is the same function as its absolute value
+    natural = bias is not None or mask is not None
+    unit = 1.0 if natural else LOG2E  # scores in natural units or with log2(e) folded in
     scal = dict(
-        qk_scale=spec.scale * LOG2E,
+        qk_scale=spec.scale * unit,
         softcap_in=(spec.scale / spec.softcap) if softcap else 0.0,
-        softcap_out=(spec.softcap * LOG2E) if softcap else 0.0,
-        fill2=spec.mask_fill * LOG2E,
+        softcap_out=(spec.softcap * unit) if softcap else 0.0,
+        fill2=spec.mask_fill * unit,
         causal_offset=int(spec.causal_offset),
         dropout_p=float(spec.dropout_p),
         inv_keep=(1.0 / (1.0 - spec.dropout_p)) if has_drop else 1.0,
@@ -833,7 +881,7 @@ def _common(q, k, v, bias, mask, seed, spec: Spec):
         BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
         IS_CAUSAL=bool(spec.causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
         MASK_KEEP=bool(spec.mask_keep), HAS_DROPOUT=has_drop, SOFTCAP=softcap,
-        SAFE_SOFTMAX=bool(spec.safe_softmax), DOT_PREC=_dot_precision(q.dtype),
+        SAFE_SOFTMAX=bool(spec.safe_softmax), NATURAL=natural, DOT_PREC=_dot_precision(q.dtype),
     )
     return dict(z=z, h=h, m=m, n=n, d=d, hkv=hkv, dv=dv, b4=b4, b_strides=b_strides, m4=m4, m_strides=m_strides,
                 seed=sd, scal=scal, flags=flags)
@@ -850,29 +898,29 @@ def _even_all(c, fixed):
 
 
 def forward(q, k, v, bias, mask, seed, spec: Spec):
-    """Returns (out [Z, H, M, Dv] in v.dtype, contiguous; lse [Z, H, M] fp32)."""
+    """Returns (out [Z, H, M, Dv] in v.dtype, contiguous; stats [2, Z, H, M] fp32: row max, log row sum)."""
     c = _common(q, k, v, bias, mask, seed, spec)
     z, h, m, n = c["z"], c["h"], c["m"], c["n"]
     out = torch.empty((z, h, m, c["dv"]), dtype=v.dtype, device=q.device)
-    lse = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, z, h, m), dtype=torch.float32, device=q.device)
     if m == 0 or z * h == 0:
-        return out, lse
+        return out, stats
     if n == 0:  # softmax over no keys: eager's p @ v sums nothing
-        return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_(), stats.fill_(float("-inf"))
     fixed = _fixed_config()
-    args = (q, k, v, c["b4"], c["m4"], c["seed"], out, lse,
+    args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats,
             *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
-            h, m, n, c["d"], c["dv"], h // c["hkv"])
+            h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
     kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
     _launch(_attn_fwd_tuned, _attn_fwd, grid, args, kwargs)
-    return out, lse
+    return out, stats
 
 
-def backward(dout, q, k, v, out, lse, bias, mask, seed, spec: Spec, bias_grad: bool):
-    """Returns (dq, dk, dv, dbias or None), recomputing the probabilities blockwise from lse."""
+def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad: bool):
+    """Returns (dq, dk, dv, dbias or None), recomputing the probabilities blockwise from the stats."""
     c = _common(q, k, v, bias, mask, seed, spec)
     z, h, m, n, hkv = c["z"], c["h"], c["m"], c["n"], c["hkv"]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -886,7 +934,7 @@ def backward(dout, q, k, v, out, lse, bias, mask, seed, spec: Spec, bias_grad: b
         dq.zero_(), dk.zero_(), dv.zero_()
         return finish()
     fixed = _fixed_config()
-    lse = lse.contiguous()
+    stats = stats.to(torch.float32).contiguous()
     delta = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
     pre_bm = 64
     _attn_bwd_pre[(triton.cdiv(m, pre_bm), z * h)](out, dout, delta, *out.stride(), *dout.stride(), h, m, c["dv"],
@@ -903,18 +951,18 @@ def backward(dout, q, k, v, out, lse, bias, mask, seed, spec: Spec, bias_grad: b
         db_strides = (0, 0, 0, 0)
         db_sum = dict(HAS_DBIAS=False, DB_SUM_M=False, DB_SUM_N=False)
         db_buf = torch.zeros(1, dtype=torch.float32, device=q.device)
-    dkdv_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, lse, delta, dk, dv, db_buf,
+    dkdv_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, stats, delta, dk, dv, db_buf,
                  *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
                  *dk.stride(), *dv.stride(), *db_strides,
-                 h, hkv, m, n, c["d"], c["dv"], h // hkv)
+                 h, hkv, m, n, c["d"], c["dv"], h // hkv, z * h * m)
 
     def grid_kv(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), z * hkv)
     _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, dkdv_args, dict(**common_kw, **db_sum))
 
-    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, lse, delta, dq,
+    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, stats, delta, dq,
                *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
-               *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv)
+               *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv, z * h * m)
 
     def grid_q(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), z * h)

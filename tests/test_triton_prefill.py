@@ -151,8 +151,9 @@ def check(tp, q, k, v, bias, mask, spec: Spec, seed=None, bias_grad=False, backw
     seed = torch.tensor(1234 if seed is None else seed, dtype=torch.int64)
     ok, why = tp.supports(q, k, v, bias, mask, seed, spec)
     assert ok, why
-    out, lse = tp.forward(q, k, v, bias, mask, seed, spec)
-    assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == v.dtype and lse.dtype == torch.float32
+    out, lse = tp.forward(q, k, v, bias, mask, seed, spec)  # lse: the stats [2, Z, H, M] (row max, log row sum)
+    assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == v.dtype
+    assert lse.shape == (2, *q.shape[:3]) and lse.dtype == torch.float32
 
     d64 = [t.double() if t is not None else None for t in (q, k, v)]
     b64 = bias.double() if bias is not None else None
@@ -161,7 +162,7 @@ def check(tp, q, k, v, bias, mask, spec: Spec, seed=None, bias_grad=False, backw
     e_err = rel_err(e_out, t_out)
     k_err = rel_err(out, t_out)
     assert k_err <= kf * e_err + floor, f"out: kernel {k_err:.3g} vs eager {e_err:.3g}\n" + mismatch("out", out.double(), t_out)
-    assert rel_err(lse, t_lse) <= 1e-5, mismatch("lse", lse.double(), t_lse)
+    assert rel_err(lse.sum(0), t_lse.sum(0)) <= 1e-5, mismatch("logsumexp", lse.sum(0).double(), t_lse.sum(0))
     if not backward:
         return
     g = torch.Generator().manual_seed(1)
@@ -221,6 +222,9 @@ CASES = {
     "bias_mask_even": (F16, dict(m=32, n=48, d=32), {}, dict(bias=(1, 2, 32, 48), bias_grad=True, mask=(32, 48))),
     "mask_keep": (F16, dict(z=2, m=17, n=23, d=32), {}, dict(mask=(2, 1, 17, 23))),
     "mask_drop_fill": (BF16, dict(m=20, n=20, d=32), dict(mask_keep=False, mask_fill=-1e4), dict(mask=(20, 20))),
+    "mask_finfo_min_empty_rows": (F32, dict(m=20, n=21, d=16), dict(mask_fill=torch.finfo(torch.float32).min),
+                                  dict(mask=(1, 2, 20, 21), empty_rows=3)),
+    "bias_finfo_min": (F16, dict(m=17, n=18, d=16), dict(causal=True), dict(bias=(1, 1, 17, 18), min_cols=5)),
     "mask_causal_gqa": (F32, dict(h=4, hkv=2, m=17, n=17, d=32), dict(causal=True),
                         dict(mask=(1, 4, 17, 17), keep_diag=True)),
     "dropout": (F32, dict(m=19, n=23, d=32), dict(dropout_p=0.25), {}),
@@ -246,8 +250,12 @@ def test_flag_grid(tp, name):
     bias = mask = None
     if "bias" in ex:
         bias = torch.randn(*ex["bias"], generator=g).to(device=DEV, dtype=dtype)
+        if ex.get("min_cols"):  # an additive mask spelled as a bias of finfo.min (HF style)
+            bias[..., ex["min_cols"]:ex["min_cols"] + 4] = torch.finfo(dtype).min
     if "mask" in ex:
         mask = (torch.rand(*ex["mask"], generator=g) > 0.3).to(DEV)
+        if ex.get("empty_rows"):  # rows masked everywhere with a finite fill: eager gives a uniform row
+            mask[..., :ex["empty_rows"], :] = False
         if ex.get("keep_diag"):  # causal + mask: no row loses every key (that backward is NaN, pattern undefined)
             mask = mask | torch.eye(mask.shape[-2], mask.shape[-1], dtype=torch.bool, device=DEV)
     with _tiles(tp):
@@ -291,12 +299,12 @@ def test_dropout_drops_the_reference_elements(tp):
 def test_empty_lengths(tp):
     q, k, v = make(F32, m=5, n=0, d=16)
     out, lse = tp.forward(q, k, v, None, None, None, Spec(scale=0.25))
-    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all() and lse.shape == (2, 1, 2, 5)
     dq, dk, dv, db = tp.backward(torch.ones_like(out), q, k, v, out, lse, None, None, None, Spec(scale=0.25), False)
     assert torch.equal(dq, torch.zeros_like(dq)) and dk.numel() == 0 and db is None
     q, k, v = make(F32, m=0, n=5, d=16)
     out, lse = tp.forward(q, k, v, None, None, None, Spec(scale=0.25))
-    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (2, 1, 2, 0)
 
 
 def test_supports_says_why(tp):
