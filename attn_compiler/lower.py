@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
@@ -52,9 +53,18 @@ def placeholders_fake(gm: fx.GraphModule, example_inputs):
     return fakes
 
 
+def graph_fake_mode(fakes):
+    """The fake mode of Dynamo's example values (not the backend's fresh one: those values carry item_memo, the
+    symbol Dynamo gave each float it lifted to a tensor, which a re-fakeified copy would lose)."""
+    for t in fakes:
+        if isinstance(t, FakeTensor):
+            return t.fake_mode
+    return detect_fake_mode(fakes)
+
+
 def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     fakes = placeholders_fake(gm, example_inputs)
-    fake_mode = detect_fake_mode(fakes)
+    fake_mode = graph_fake_mode(fakes)
     interp = _MarkingInterpreter(gm)
 
     def traced(*args):
@@ -70,7 +80,9 @@ def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
             fake_mode.allow_scalar_outputs = True
         with fx_traceback.preserve_node_meta(), enable_python_dispatcher():
             if fake_mode is not None:
-                lowered = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
+                # the inputs are already fake: trace them as they are, under their own mode
+                with fake_mode:
+                    lowered = make_fx(traced, tracing_mode="real")(*fakes)
             else:  # a graph without tensor inputs: symbolic tracing makes the fake values
                 lowered = make_fx(traced, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes)
     finally:

@@ -310,3 +310,5 @@ def find_candidates(gm: fx.GraphModule):
                 yield node, match_at(node)
             except Reject as e:
                 yield node, e
+            except Exception as e:  # a matcher bug costs this site, never the graph or the user's program
+                yield node, Reject(f"internal error while matching ({type(e).__name__}: {e}); left alone")

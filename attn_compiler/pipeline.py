@@ -10,12 +10,11 @@ from typing import Optional
 import sympy
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from attn_compiler import options as options_mod
 from attn_compiler import ops  # noqa: F401  (registers torch.ops.memattn.*)
 from attn_compiler.layout import is_layout_op, val
-from attn_compiler.lower import lower, placeholders_fake
+from attn_compiler.lower import graph_fake_mode, lower, placeholders_fake
 from attn_compiler.match import find_candidates
 from attn_compiler.report import GraphReport, Report
 from attn_compiler.rewrite import emit, nbytes_expr
@@ -95,6 +94,9 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
         except Reject as e:
             site.reason = str(e)
             continue
+        except Exception as e:  # nodes emitted before the failure have no users and are removed below
+            site.reason = f"internal error while rewriting ({type(e).__name__}: {e}); left alone"
+            continue
         site.status = "rewritten"
         site.kernel = "prefill"
         site.nodes = [n.name for n in plan.chain]
@@ -121,7 +123,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     try:
         lowered = lower(gm, example_inputs)
         before = lowered.code
-        fake_mode = detect_fake_mode(placeholders_fake(gm, example_inputs))
+        fake_mode = graph_fake_mode(placeholders_fake(gm, example_inputs))
         sites = rewrite_graph(lowered, fake_mode, opts, graph_index)
         greport = GraphReport(graph_index, before, lowered.code, sites)
         compiled_gm = lowered

@@ -15,7 +15,11 @@ DROPOUT_OPS = (aten.native_dropout.default,)
 
 def on_native_dropout(node):
     """Returns (p, next chain node) for native_dropout(x, p, train); the mask output must be unused."""
-    p, train = float(node.args[1]), node.args[2]
+    p, train = node.args[1], node.args[2]
+    if not isinstance(p, (int, float)):
+        # Dynamo with dynamic=True (specialize_float=False) passes float attributes as run-time tensors
+        raise Reject("the dropout probability is a run-time value (a float made dynamic by Dynamo), not a constant")
+    p = float(p)
     outs = list(node.users)
     firsts = [u for u in outs if u.target is operator.getitem and u.args[1] == 0]
     others = [u for u in outs if u not in firsts]

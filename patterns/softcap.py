@@ -22,9 +22,7 @@ CAP = 20.0  # Gemma-2's attn_logit_softcapping
 
 
 def gemma2(q, k, v):
-    # A literal: Dynamo with dynamic=True turns float globals and arguments into run-time tensors (.item()),
-    # which the kernel cannot take as a constant; such sites are left with that reason.
-    cap = 20.0
+    cap = CAP
     s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
     s = torch.tanh(s / cap) * cap
     return torch.softmax(s, -1) @ v
