@@ -1,0 +1,70 @@
+"""End to end on a CUDA device: compiled models run the Triton kernels (no fallback) and match eager."""
+import pytest
+import torch
+
+import attn_compiler
+from attn_compiler.codegen import dispatch
+from attn_compiler.models import GPT, GPTConfig
+from attn_compiler.patterns import causal, gqa, masked, plain, scaled, softcap
+from helpers import check_against_eager, check_model
+
+pytestmark = pytest.mark.gpu
+
+SPELLINGS = {**plain.SPELLINGS, **scaled.SPELLINGS, **causal.SPELLINGS, **gqa.SPELLINGS, **softcap.SPELLINGS}
+
+
+@pytest.fixture(autouse=True)
+def _no_fallbacks():
+    dispatch.fallbacks.clear()
+    yield
+    assert not dispatch.fallbacks, f"the Triton kernel fell back: {dispatch.fallbacks}"
+
+
+def _qkv(s, d, h=8, hkv=8, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(2, n, s, d, device="cuda", generator=g, dtype=torch.float32)
+            for n in (h, hkv, hkv)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("s,d", [(1, 64), (127, 64), (300, 128), (513, 80), (257, 256)])
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_spellings_on_cuda(name, s, d, dtype):
+    hkv = 2 if name in gqa.SPELLINGS else 8
+    if name == "einsum" and s == 1:
+        pytest.skip("einsum contracts a single key without a matmul (tested on CPU)")
+    check_against_eager(SPELLINGS[name], _qkv(s, d, hkv=hkv), dtype, dynamic=(s == 300))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_masks_on_cuda(dtype):
+    q, k, v = _qkv(200, 64)
+    keep = torch.rand(2, 1, 200, 200, device="cuda") > 0.3
+    keep[..., 0] = True
+    for name, fn in masked.SPELLINGS.items():
+        extra = torch.where(keep, 0.0, -1e4) if name == "additive" else keep
+        check_against_eager(lambda q, k, v, m, fn=fn: fn(q, k, v, m), [q, k, v, extra], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpt_training_on_cuda(dtype):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab=128, block=1024, n_layer=2, n_head=8, n_kv_head=2, d_model=256)
+    gpt = GPT(cfg).cuda()
+    idx = torch.randint(0, 128, (2, 777), device="cuda")
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = gpt
+
+        def forward(self, x):
+            return self.gpt(idx) * x
+
+    report = check_model(Logits(), [torch.ones((), device="cuda")], dtype, rewritten=2)
+    assert all(s.flags["causal"] and s.flags["gqa"] == "GQA" for s in report.sites)
+
+
+def test_inductor_inner_on_cuda():
+    q, k, v = _qkv(256, 64)
+    check_against_eager(scaled.div_scores, [q, k, v], torch.bfloat16, options={"inner": "inductor"})
