@@ -721,7 +721,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
             return bn == 128 and w == 4 and ((bm == 32 and s in (3, 5)) or (bm == 64 and s == 3))
         if d <= 128:
             return bn == 128 and ((w == 8 and bm == 64 and s in (2, 3)) or (w == 4 and bm == 32 and s == 3))
-        return bn == 64 and bm == 32 and w == 8 and s in (2, 3)
+        return bn == 64 and w == 8 and ((bm == 32 and s in (2, 3)) or (bm == 64 and s == 2))
     return [c for c in configs if keep(c)] or [_cfg(32, 64, 4, 2)]
 
 
@@ -737,7 +737,7 @@ def _prune_dq(configs, named_args, **kwargs):
             return bm == 128 and ((bn == 64 and w == 4 and s in (3, 4)) or (bn == 32 and w == 4 and s == 5))
         if d <= 128:
             return bm == 128 and ((bn == 64 and w == 8 and s in (2, 3)) or (bn == 32 and w == 4 and s == 4))
-        return bm == 64 and bn in (32, 64) and w == 8 and s == 2
+        return s == 2 and ((bm == 64 and bn in (32, 64) and w in (4, 8)) or (bm == 128 and bn == 32 and w == 8))
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 
 
