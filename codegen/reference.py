@@ -208,6 +208,8 @@ def attention_backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, 
             j1 = min(pb.n, j0 + bn)
             s, t = pb.scores(qi, i0, i1, j0, j1)
             p = torch.exp((s - m_i) - logl_i)
+            if spec.safe_softmax:  # rows masked everywhere output 0 and pass no gradient, as eager's _safe_softmax
+                p = torch.where(m_i == float("-inf"), torch.zeros((), dtype=acc, device=p.device), p)
             vj = pb.v5[..., j0:j1, :].to(acc)
             drop = pb.dropout_scale(i0, i1, j0, j1)
             pd = p if drop is None else p * drop

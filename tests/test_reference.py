@@ -150,3 +150,16 @@ def test_gradcheck_with_bias_mask_softcap():
         return call(q, k, v, bias, mask, Spec(scale=0.7, softcap=3.0, mask_fill=float("-inf")))[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+def test_safe_softmax_fully_masked_rows_get_zero_gradient():
+    q, k, v = (torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[2] = False
+    out, _ = call(q, k, v, None, mask, Spec(scale=1.0, safe_softmax=True))
+    s = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    want = torch.ops.aten._safe_softmax(s, -1) @ v
+    torch.testing.assert_close(out, want)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)):
+        torch.testing.assert_close(a, b)
