@@ -220,16 +220,26 @@ def _scalar_operand(x):
     return s
 
 
-def scale_of(node: fx.Node):
+_INPLACE_SCALE = {aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar,
+                  aten.div_.Tensor: aten.div.Tensor, aten.div_.Scalar: aten.div.Scalar}
+
+
+def scale_of(node: fx.Node, inplace_ok: bool = False):
     """For mul/div of a tensor by a scalar: (index of the tensor argument, ('mul' | 'div', scalar)), else None.
 
     The scalar is a number or an FX node producing a SymInt/SymFloat (a scale computed from a dynamic head dim).
+    ``inplace_ok`` also reads ``mul_``/``div_`` (scaling the tensor itself): only the score chain may, where the
+    mutated tensor is proven private to the chain. On q or k it would mutate a tensor the rewrite reads again.
     """
     t = node.target
+    if inplace_ok:
+        t = _INPLACE_SCALE.get(t, t)
+        if t is not node.target and not isinstance(node.args[0], fx.Node):
+            return None
     if len(node.args) != 2 or node.kwargs:
         return None
     if t in (aten.mul.Tensor, aten.mul.Scalar):
-        for i in (0, 1):
+        for i in ((0,) if t is not node.target else (0, 1)):
             s = _scalar_operand(node.args[1 - i])
             if s is not None and isinstance(node.args[i], fx.Node) and isinstance(val(node.args[i]), torch.Tensor):
                 return i, ("mul", s)

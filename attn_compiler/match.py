@@ -21,6 +21,13 @@ from attn_compiler.site import Reject
 aten = torch.ops.aten
 
 SCORE_HANDLERS = {**scaled.HANDLERS, **masked.HANDLERS, **softcap.HANDLERS}
+# In-place spellings on the scores (Falcon's ``scores /= sqrt(d)``, ``scores.masked_fill_(...)``). Folded like their
+# functional forms when the tensor they mutate is the previous chain value and has no other user: then the
+# mutation is invisible outside the chain, and the chain (in-place nodes included) is removed by the rewrite.
+INPLACE = {aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar, aten.div_.Tensor: aten.div.Tensor,
+           aten.div_.Scalar: aten.div.Scalar, aten.add_.Tensor: aten.add.Tensor,
+           aten.masked_fill_.Scalar: aten.masked_fill.Scalar, aten.masked_fill_.Tensor: aten.masked_fill.Tensor,
+           aten.tanh_.default: aten.tanh.default}
 SCORE_CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
                aten.alias.default)
 MAX_DEPTH = 40
@@ -64,6 +71,9 @@ def _score_paths(x: fx.Node):
             return
         if is_layout_op(node) or node.target in SCORE_CASTS:
             walk(node.args[0], [(node, 0)] + path, depth + 1)
+            return
+        if node.target in INPLACE and _tensor_args(node) and _tensor_args(node)[0][0] == 0:
+            walk(node.args[0], [(node, 0)] + path, depth + 1)  # only the mutated self may be the chain
             return
         if node.target in SCORE_HANDLERS:
             for i, a in _tensor_args(node):
@@ -128,7 +138,7 @@ def _walk_scores(path, softmax: fx.Node) -> tuple[ScoreState, list, int]:
             except Untrackable as e:
                 raise Reject(f"the scores are reshaped in a way that mixes axes ({e})")
             continue
-        SCORE_HANDLERS[node.target](node, arg, st)
+        SCORE_HANDLERS[INPLACE.get(node.target, node.target)](node, arg, st)
     _only_user(path[-1][0], softmax)
     return st, nodes, n_b
 
@@ -196,14 +206,14 @@ def _canonical_kv(t: Traced, q_batch, head_pos: int, seq_dim: int, feat_dim: int
         grouped
 
 
-def _check_no_mutation(graph: fx.Graph, first: fx.Node, last: fx.Node) -> None:
+def _check_no_mutation(graph: fx.Graph, first: fx.Node, last: fx.Node, chain: set) -> None:
     inside = False
     for node in graph.nodes:
         if node is first:
             inside = True
         elif node is last:
             return
-        elif inside and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+        elif inside and node not in chain and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
                 and node.target._schema.is_mutable:
             raise Reject(f"{node.name} ({node.target}) mutates a tensor between the two matmuls")
 
@@ -257,7 +267,7 @@ def _plan(path, softmax: fx.Node, dim: int) -> Plan:
     st.scale = q.scale + k.scale + st.scale
     if q.scale or k.scale:
         st.tag("scaled")
-    _check_no_mutation(softmax.graph, qk, pv)
+    _check_no_mutation(softmax.graph, qk, pv, {n for n in score_nodes if n.target in INPLACE})
     canon = [None] * (2 - n_b) + [("b", i) for i in range(n_b)] + [("m",), ("n",)]
     _find_causal(st)
     return Plan(softmax, qk, pv, q, k, v, q_targets, k_targets, v_targets, n_b, st,
@@ -302,10 +312,49 @@ def _find_causal(st: ScoreState) -> None:
             st.tag("causal")
 
 
+def _is_weight(node) -> bool:
+    """A graph input or attribute, seen through layout ops (a linear layer's ``t(weight)``)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and is_layout_op(node):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
+
+
+def _attention_like(softmax: fx.Node, depth: int = 12) -> bool:
+    """Whether a softmax could be attention: its input is computed from a product of two activations (a batched
+    matmul, or a 2-D one where neither side is a weight), or its output feeds a batched matmul. A softmax over the
+    output of a linear layer (an MoE router, a classifier head) is neither, and is not a candidate site."""
+    seen = set()
+    frontier = [softmax.args[0]]
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
+                continue
+            seen.add(node)
+            if node.target in plain.QK_MATMULS:
+                return True
+            if node.target in (aten.mm.default, aten.addmm.default):
+                a, b = node.args[-2:]
+                if not (_is_weight(a) or _is_weight(b)):
+                    return True
+            nxt += [a for a in node.args if isinstance(a, fx.Node)]
+        frontier = nxt
+        if len(seen) > 400:
+            return True  # too far to tell: keep it a candidate, so its reason is reported
+    node = softmax
+    for _ in range(depth):
+        if any(u.target in plain.PV_MATMULS for u in node.users):
+            return True
+        if len(node.users) != 1:
+            return False
+        node = next(iter(node.users))
+    return False
+
+
 def find_candidates(gm: fx.GraphModule):
-    """Yields (softmax node, Plan or Reject) for every softmax in the graph."""
+    """Yields (softmax node, Plan or Reject) for every softmax in the graph that could be attention."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in plain.SOFTMAX_OPS:
+        if node.op == "call_function" and node.target in plain.SOFTMAX_OPS and _attention_like(node):
             try:
                 yield node, match_at(node)
             except Reject as e:

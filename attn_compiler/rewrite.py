@@ -206,4 +206,15 @@ def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
     if out.meta["val"].dtype != val(plan.pv).dtype:
         raise Reject("internal: output dtype differs")
     plan.pv.replace_all_uses_with(out)
+    _erase_chain(plan)
     return att
+
+
+def _erase_chain(plan: Plan) -> None:
+    """Remove the replaced chain now: dead-code elimination keeps in-place nodes (they look impure), and an
+    in-place op left on the scores would keep the n x n tensors alive. Every chain node mutates only chain-internal
+    storage (the matcher proved each mutated tensor private to the chain), so erasing them is safe."""
+    nodes = list(dict.fromkeys([plan.qk] + plan.chain + [plan.pv]))
+    for node in reversed(nodes):
+        if not getattr(node, "_erased", False) and not node.users and node.op == "call_function":
+            node.graph.erase_node(node)

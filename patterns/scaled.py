@@ -13,7 +13,7 @@ aten = torch.ops.aten
 
 
 def on_scale(node, chain_arg: int, st: ScoreState) -> None:
-    sc = scale_of(node)
+    sc = scale_of(node, inplace_ok=True)
     if sc is None or sc[0] != chain_arg:
         raise Reject(f"the scores are multiplied by a tensor ({node.format_node()}), not a scalar")
     if st.biases or st.masks:
@@ -24,6 +24,15 @@ def on_scale(node, chain_arg: int, st: ScoreState) -> None:
 
 HANDLERS = {aten.mul.Tensor: on_scale, aten.mul.Scalar: on_scale, aten.div.Tensor: on_scale,
             aten.div.Scalar: on_scale}
+
+
+def falcon_inplace(q, k, v):
+    """Falcon's spelling: the scores are scaled in place (``scores /= sqrt(d)``), then masked in place."""
+    s = q @ k.transpose(-2, -1)
+    s /= math.sqrt(q.size(-1))
+    n = s.shape[-1]
+    s.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
 
 
 def mul_scores(q, k, v):
@@ -49,4 +58,5 @@ def softmax_fp32(q, k, v):
 
 
 SPELLINGS = {"mul_scores": mul_scores, "div_scores": div_scores, "scale_q": scale_q,
-             "scale_qk_split": scale_qk_split, "softmax_fp32": softmax_fp32}
+             "scale_qk_split": scale_qk_split, "softmax_fp32": softmax_fp32,
+             "falcon_inplace": falcon_inplace}
