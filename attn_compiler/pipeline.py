@@ -11,6 +11,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from attn_compiler import analysis, plan as plan_mod
 from attn_compiler import options as options_mod
 from attn_compiler import ops  # noqa: F401  (registers torch.ops.memattn.*)
 from attn_compiler.layout import is_layout_op, val
@@ -106,7 +107,13 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
     return sites
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, opts):
+def _inner_compile(gm: fx.GraphModule, example_inputs, opts, outcome=None):
+    if outcome is not None and outcome.recompute:
+        if opts.inner == "inductor":
+            # Inductor partitions with the min-cut partitioner itself, which honours the recompute tags
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs)
+        return plan_mod.compile_with_plan(gm, example_inputs, outcome, plan_mod.eager_inner)
     if opts.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
         config = {}
@@ -117,15 +124,50 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, opts):
     return gm
 
 
+def _analyse(gm: fx.GraphModule, example_inputs, what: str):
+    """The memory model of a graph, or None (with a debug log) if it cannot be built: it informs, never blocks."""
+    try:
+        return analysis.analyse(gm.graph, example_inputs)
+    except Exception as e:
+        log.debug("memattn: memory analysis of the graph %s the rewrite failed: %s\n%s", what, e,
+                  traceback.format_exc(limit=4))
+        return None, None
+
+
+def _plan(lowered: fx.GraphModule, example_inputs, opts, memory, model):
+    """Over budget? Choose and tag recompute checkpoints (plan.py). None when there is no budget or it fits."""
+    if opts.memory_budget is None or memory is None:
+        return None
+    budget = opts.budget_bytes(plan_mod.device_total_bytes(example_inputs))
+    peak = memory.peak.at()
+    if peak <= budget:
+        return plan_mod.Outcome(budget, [], peak, True)
+    if memory.training is None:
+        outcome = plan_mod.Outcome(budget, [], peak, False, note=(
+            f"the forward-only peak {analysis.fmt_bytes(peak)} exceeds memory_budget {analysis.fmt_bytes(budget)}; "
+            "recompute cannot lower a graph that keeps nothing for backward"))
+    else:
+        outcome = plan_mod.choose(model, budget, peak)
+        plan_mod.apply(lowered, outcome)
+    if not outcome.fits:
+        plan_mod.warn_no_fit(outcome)
+    return outcome
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     graph_index = counters["graphs"]
     counters["graphs"] += 1
+    outcome = None
     try:
         lowered = lower(gm, example_inputs)
         before = lowered.code
+        mem_before, _ = _analyse(lowered, example_inputs, "before")
         fake_mode = graph_fake_mode(placeholders_fake(gm, example_inputs))
         sites = rewrite_graph(lowered, fake_mode, opts, graph_index)
-        greport = GraphReport(graph_index, before, lowered.code, sites)
+        mem_after, model = _analyse(lowered, example_inputs, "after")
+        outcome = _plan(lowered, example_inputs, opts, mem_after, model)
+        greport = GraphReport(graph_index, before, lowered.code, sites, memory_before=mem_before,
+                              memory_after=mem_after, plan=outcome, model=model)
         compiled_gm = lowered
     except Exception as e:  # a bug in the pass must not take the user's model down: run the graph unchanged
         tb = traceback.format_exc(limit=4)
@@ -133,16 +175,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
                       f"unchanged: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
         log.debug("memattn pass failure:\n%s", tb)
         greport = GraphReport(graph_index, gm.code, gm.code, [], error=f"{type(e).__name__}: {e}")
-        compiled_gm = gm
+        compiled_gm, outcome = gm, None
     report = Report(greport, opts, counters)
     counters["rewritten"] += len(report.rewritten)
     counters["left"] += len(report.left)
     _reports.append(report)
+    compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
     if opts.report is True:
         log.warning("%s", report)
     elif opts.report:
         report.write(opts.report)
-    return _inner_compile(compiled_gm, example_inputs, opts), report
+    return compiled, report
 
 
 def memattn(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None,

@@ -9,6 +9,7 @@ from typing import Optional
 
 import sympy
 
+from attn_compiler.analysis import CAVEATS, Bytes, Plan
 from attn_compiler.site import Site
 
 log = logging.getLogger("attn_compiler")
@@ -21,6 +22,20 @@ class GraphReport:
     after: str               # and after
     sites: list
     error: Optional[str] = None   # set when the pass failed and the graph ran unchanged
+    memory_before: object = None  # analysis.Memory of the lowered graph before the rewrite (None: not analysed)
+    memory_after: object = None   # and after
+    plan: object = None           # plan.Outcome when a memory_budget was given
+    model: object = None          # analysis.Model after the rewrite, to evaluate the plan symbolically
+
+    @property
+    def peak_after(self) -> Optional[Bytes]:
+        """What runs: after the rewrite and, with a plan, measured on the partitioned graphs AOTAutograd made."""
+        if self.plan is not None and self.plan.recompute:
+            if self.plan.verified is not None:
+                return self.plan.verified.bytes
+            if self.model is not None:
+                return self.model.peak(Plan(self.plan.recompute), symbolic=True).bytes
+        return self.memory_after.peak if self.memory_after is not None else None
 
     def diff(self, context: int = 2) -> str:
         lines = difflib.unified_diff(self.before.splitlines(), self.after.splitlines(),
@@ -60,6 +75,60 @@ class Report:
     def left(self) -> list:
         return [s for s in self.sites if s.status == "left"]
 
+    @property
+    def peak_before(self) -> Optional[Bytes]:
+        """Estimated peak bytes of the graph before the rewrite (training step when anything requires grad, else
+        forward only); a sympy expression in ``.expr``, evaluated by ``.at({"s0": 16384})``."""
+        m = self.graphs[0].memory_before
+        return m.peak if m is not None else None
+
+    @property
+    def peak_after(self) -> Optional[Bytes]:
+        """Estimated peak bytes of what runs: after the rewrite and the recompute checkpoints."""
+        return self.graphs[0].peak_after
+
+    @property
+    def checkpoints(self) -> list:
+        """Recompute decisions taken to meet memory_budget (plan.Checkpoint: value, bytes_saved, flops, ...)."""
+        return [c for g in self.graphs if g.plan is not None for c in g.plan.checkpoints]
+
+    @property
+    def memory_note(self) -> str:
+        """Set when memory_budget could not be met."""
+        return "; ".join(g.plan.note for g in self.graphs if g.plan is not None and g.plan.note)
+
+    def memory(self) -> str:
+        out = []
+        for g in self.graphs:
+            b, a = g.memory_before, g.memory_after
+            if b is None or a is None:
+                continue
+            kind = "training step" if a.training is not None else "forward only"
+            out.append(f"memory (graph {g.index}, {kind}):")
+            out.append(f"  peak before: {b.peak}")
+            out.append(f"  peak after rewrite: {a.peak}")
+            if a.training is not None:
+                out.append(f"  forward-only peak before / after: {b.inference.bytes} / {a.inference.bytes}")
+                out.append(f"  kept for backward before / after: {b.saved} / {a.saved}")
+            out.append(f"  graph inputs (parameters included): {a.inputs}")
+            if g.plan is not None:
+                p = g.plan
+                out.append(f"  memory_budget: {_fmt_bytes(p.budget)}; "
+                           + ("fits without recompute" if not p.checkpoints and p.fits else
+                              f"{len(p.checkpoints)} recompute checkpoint(s), model peak {_fmt_bytes(p.peak)}"))
+                for c in p.checkpoints:
+                    out.append(f"    {c}")
+                if p.verified is not None:
+                    out.append(f"  peak of the partitioned forward/backward graphs: {p.verified.bytes} "
+                               f"(at {p.verified.phase} {p.verified.at_node})")
+                if p.note:
+                    out.append(f"  NOTE: {p.note}")
+            if a.assumed:
+                out.append(f"  modelled as saving all their tensors: {', '.join(a.assumed)}")
+        if out:
+            out.append(f"  ({CAVEATS})")
+        return "\n".join(out)
+
     def summary(self) -> str:
         return (f"memattn: {len(self.sites)} attention site(s), {len(self.rewritten)} rewritten, "
                 f"{len(self.left)} left alone")
@@ -83,6 +152,9 @@ class Report:
 
     def __str__(self) -> str:
         parts = [self.summary(), self.table()]
+        mem = self.memory()
+        if mem:
+            parts.append(mem)
         for g in self.graphs:
             if g.error:
                 parts.append(f"graph {g.index}: the pass failed and the graph runs unchanged: {g.error}")
@@ -124,6 +196,6 @@ tr.rewritten{{background:#e8f7e8}} .sbs{{display:grid;grid-template-columns:1fr 
 pre{{font-size:75%;overflow:auto;border:1px solid #ddd;padding:.5em}} .chg{{background:#fff3a8}}
 </style></head><body><h1>memattn report</h1><p>{esc(self.summary())}</p>
 <table><tr><th>#</th><th>status</th><th>kernel</th><th>pattern</th><th>location</th><th>n&sup2; bytes removed</th>
-<th>reason</th></tr>{rows}</table>{''.join(graphs)}</body></html>"""
+<th>reason</th></tr>{rows}</table><h2>memory</h2><pre>{esc(self.memory())}</pre>{''.join(graphs)}</body></html>"""
         with open(path, "w") as f:
             f.write(page)
