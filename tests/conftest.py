@@ -10,7 +10,7 @@ from attn_compiler.codegen import reference
 # plus ATOL (eager can be exact on tiny inputs, which would make a pure ratio meaningless).
 TOL = {
     torch.float64: (1e-9, 2.0),
-    torch.float32: (2e-6, 4.0),
+    torch.float32: (3e-5, 4.0),  # GPU fp32 dots round differently from eager's; values here are O(1)
     torch.bfloat16: (1e-2, 2.0),
     torch.float16: (2e-3, 2.0),
 }
