@@ -108,7 +108,8 @@ SAVES = {
     aten._to_copy: _nothing, aten.slice: _nothing, aten.select: _nothing, aten.expand: _nothing,
     aten.view: _nothing, aten._unsafe_view: _nothing, aten.reshape: _nothing, aten.t: _nothing,
     aten.transpose: _nothing, aten.permute: _nothing, aten.unsqueeze: _nothing, aten.squeeze: _nothing,
-    aten.alias: _nothing, aten.contiguous: _nothing, aten.flatten: _nothing, aten.unflatten: _nothing, aten.unbind: _nothing, aten.repeat: _nothing,
+    aten.alias: _nothing, aten.contiguous: _nothing, aten.flatten: _nothing, aten.unflatten: _nothing,
+    aten.unbind: _nothing, aten.repeat: _nothing,
     operator.getitem: _nothing,
 }
 

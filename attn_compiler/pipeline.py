@@ -139,15 +139,17 @@ def _plan(lowered: fx.GraphModule, example_inputs, opts, memory, model):
     if opts.memory_budget is None or memory is None:
         return None
     budget = opts.budget_bytes(plan_mod.device_total_bytes(example_inputs))
+    target = budget - plan_mod.reserve_bytes(budget, example_inputs)
     peak = memory.peak.at()
-    if peak <= budget:
-        return plan_mod.Outcome(budget, [], peak, True)
+    if peak <= target:
+        return plan_mod.Outcome(budget, [], peak, True, target=target)
     if memory.training is None:
         outcome = plan_mod.Outcome(budget, [], peak, False, note=(
             f"the forward-only peak {analysis.fmt_bytes(peak)} exceeds memory_budget {analysis.fmt_bytes(budget)}; "
             "recompute cannot lower a graph that keeps nothing for backward"))
     else:
-        outcome = plan_mod.choose(model, budget, peak)
+        outcome = plan_mod.choose(model, target, peak)
+        outcome.budget, outcome.target = budget, target
         plan_mod.apply(lowered, outcome)
     if not outcome.fits:
         plan_mod.warn_no_fit(outcome)

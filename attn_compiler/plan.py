@@ -62,6 +62,15 @@ def _fmt_flops(n: int) -> str:
     return str(n)
 
 
+def reserve_bytes(budget: int, example_inputs) -> int:
+    """Bytes of the budget kept back for device memory the graph model does not see. On CUDA that is the cuBLAS
+    workspace, the Triton kernels' temporaries and allocator rounding: on an H200 (torch 2.11, 12-layer GPT,
+    bf16) max_memory_allocated exceeded the model by 0.07-0.19 GiB at n = 2k-16k (benchmarks/memory.py), so the
+    planner aims 128 MiB + 2% below the budget there. On CPU the model matches exact accounting: no reserve."""
+    cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+    return (128 * 2 ** 20 + budget // 50) if cuda else 0
+
+
 @dataclasses.dataclass
 class Outcome:
     budget: int
@@ -71,6 +80,7 @@ class Outcome:
     note: str = ""
     verified: Optional[analysis.Peak] = None   # measured on the partitioned forward/backward graphs
     recompute: set = dataclasses.field(default_factory=set)
+    target: Optional[int] = None   # what the plan aims at: budget minus the reserve (reserve_bytes)
 
 
 def device_total_bytes(example_inputs) -> int:
@@ -178,9 +188,9 @@ def choose(model: analysis.Model, budget: int, peak_now: int) -> Outcome:
     peak = model.peak(Plan(recompute)).bytes.at() if chosen else peak
     out = Outcome(budget, chosen, peak, peak <= budget, recompute=recompute)
     if not out.fits:
-        out.note = (f"no recompute plan fits memory_budget {fmt_bytes(budget)}: the smallest training-step peak "
-                    f"reachable by recomputing is {fmt_bytes(peak)} (without recompute {fmt_bytes(peak_now)}); "
-                    f"the graph is compiled with that plan")
+        out.note = (f"no recompute plan fits {fmt_bytes(budget)} (memory_budget less any device reserve): "
+                    f"the smallest training-step peak reachable by recomputing is {fmt_bytes(peak)} "
+                    f"(without recompute {fmt_bytes(peak_now)}); the graph is compiled with that plan")
     return out
 
 
@@ -228,12 +238,13 @@ def compile_with_plan(gm: fx.GraphModule, example_inputs, outcome: Outcome, inne
         try:
             outcome.verified = analysis.split_peak(fw, bw, kwargs.get("num_fwd_outputs", 1), state["boxed"])
             got = outcome.verified.bytes.at()
-            if outcome.fits and got > outcome.budget:
+            if outcome.fits and got > (outcome.target or outcome.budget):
                 # the partitioner kept more than the eager-autograd model predicted: say so, do not claim a fit
                 outcome.fits = False
                 outcome.note = (f"the recompute plan was expected to peak at {fmt_bytes(outcome.peak)}, but the "
-                                f"partitioned forward/backward graphs peak at {fmt_bytes(got)}, above "
-                                f"memory_budget {fmt_bytes(outcome.budget)}")
+                                f"partitioned forward/backward graphs peak at {fmt_bytes(got)}, above the "
+                                f"{fmt_bytes(outcome.target or outcome.budget)} planned for memory_budget "
+                                f"{fmt_bytes(outcome.budget)}")
                 warn_no_fit(outcome)
         except Exception as e:  # the measurement is for the report; the plan stands without it
             log.debug("memattn: could not measure the partitioned graphs: %s", e)

@@ -113,6 +113,9 @@ class Report:
             out.append(f"  graph inputs (parameters included): {a.inputs}")
             if g.plan is not None:
                 p = g.plan
+                if p.target is not None and p.target != p.budget:
+                    out.append(f"  planned to {_fmt_bytes(p.target)}: memory_budget less a reserve for device "
+                               "memory outside the model (cuBLAS workspace, kernel temporaries, rounding)")
                 out.append(f"  memory_budget: {_fmt_bytes(p.budget)}; "
                            + ("fits without recompute" if not p.checkpoints and p.fits else
                               f"{len(p.checkpoints)} recompute checkpoint(s), model peak {_fmt_bytes(p.peak)}"))

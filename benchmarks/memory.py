@@ -60,8 +60,11 @@ def build(args, n, sdpa=False):
     return model, idx
 
 
+CUDA = True   # False only for a CPU smoke run (--device cpu): then no memory is measured
+
+
 def _sync():
-    if torch.cuda.is_available():
+    if CUDA:
         torch.cuda.synchronize()
 
 
@@ -79,10 +82,11 @@ def measure(step_fn, model, steps):
     first = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     gc.collect()
-    torch.cuda.reset_peak_memory_stats()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     one()
     _sync()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if CUDA else 1
     t0 = time.perf_counter()
     for _ in range(steps):
         one()
@@ -97,7 +101,8 @@ def run_one(args, n, provider, budget=None):
     report = None
     if provider.startswith("memattn"):
         opts = {} if budget is None else {"memory_budget": int(budget)}
-        compiled = torch.compile(model, backend="memattn", options=opts)
+        # the backend object rather than its entry-point name: works from a checkout that is not pip-installed
+        compiled = torch.compile(model, backend=attn_compiler.backend(**opts))
         step = lambda: compiled(idx, idx)  # noqa: E731
     else:
         step = lambda: model(idx, idx)  # noqa: E731
@@ -130,10 +135,14 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/memory.py measures torch.cuda.max_memory_allocated: it needs a CUDA device")
+    global CUDA
+    CUDA = args.device.startswith("cuda")
+    if CUDA and not torch.cuda.is_available():
+        sys.exit("benchmarks/memory.py measures torch.cuda.max_memory_allocated: it needs a CUDA device "
+                 "(--device cpu only smoke-tests the script)")
     os.makedirs(args.out, exist_ok=True)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.layers} layers, "
+    name = torch.cuda.get_device_name() if CUDA else "cpu (smoke run, nothing measured)"
+    print(f"device: {name}, torch {torch.__version__}, {args.layers} layers, "
           f"d_model {args.d_model}, {args.heads} heads, batch {args.batch}, {args.dtype}", flush=True)
     header = ("n", "provider", "budget GiB", "estimate GiB", "measured GiB", "est/meas", "<= budget", "fits (report)",
               "checkpoints", "step ms", "first step s", "note")
@@ -142,6 +151,7 @@ def main():
     path = os.path.join(args.out, "memory.csv")
 
     def emit(row):
+        row = tuple(str(c).replace("\n", " ") for c in row)
         rows.append(row)
         print(" | ".join(str(c) for c in row), flush=True)
         with open(path, "w", newline="") as f:   # rewritten after each row: a run cut short keeps its numbers
@@ -162,11 +172,13 @@ def main():
                 if report is not None:
                     est = report.peak_after.at()
                     eager_estimate = report.peak_before.at()
-                    free_peak = peak
+                    free_peak = peak if CUDA else est   # CPU smoke run: budgets from the estimate
                 elif provider == "eager" and eager_estimate is not None:
                     est = eager_estimate
+                if report is not None:
+                    notes.append(f"eager (lowered graph, no rewrite) estimate {fmt(eager_estimate)} GiB")
                 emit((n, provider, "-", fmt(est), fmt(peak), f"{est / peak:.3f}" if est else "-", "-", "-", "-",
-                      f"{sec * 1e3:.1f}", f"{first:.1f}", "; ".join(notes)[:120]))
+                      f"{sec * 1e3:.1f}", f"{first:.1f}", "; ".join(notes)[:160]))
             except torch.cuda.OutOfMemoryError:
                 emit((n, provider, "-", fmt(eager_estimate) if provider == "eager" else "-", "OOM", "-", "-", "-",
                       "-", "-", "-", "out of memory"))
@@ -174,7 +186,8 @@ def main():
                 traceback.print_exc()
                 emit((n, provider, "-", "-", "error", "-", "-", "-", "-", "-", "-", f"{type(e).__name__}: {e}"[:120]))
             gc.collect()
-            torch.cuda.empty_cache()
+            if CUDA:
+                torch.cuda.empty_cache()
         if free_peak is None:
             continue
         for frac in args.budgets:
@@ -196,7 +209,8 @@ def main():
                 emit((n, name, fmt(budget), "-", "error", "-", "-", "-", "-", "-", "-",
                       f"{type(e).__name__}: {e}"[:120]))
             gc.collect()
-            torch.cuda.empty_cache()
+            if CUDA:
+                torch.cuda.empty_cache()
 
     print(f"wrote {path}")
     print()
@@ -213,7 +227,7 @@ def main():
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for provider in dict.fromkeys(r[1] for r in rows):
-        pts = [(r[0], float(r[4])) for r in rows if r[1] == provider and r[4] not in ("OOM", "error")]
+        pts = [(int(r[0]), float(r[4])) for r in rows if r[1] == provider and r[4] not in ("OOM", "error")]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=provider)
     ax.set_xscale("log", base=2)

@@ -183,7 +183,7 @@ def test_forward_only_graph_over_budget_is_a_note_not_a_failure():
 
     q = torch.randn(1, 2, 64, 8)
     with pytest.warns(RuntimeWarning, match="recompute cannot lower"):
-        out = torch.compile(attn, backend="memattn", options={"memory_budget": 64})(q, q, q)
+        out = torch.compile(attn, backend=attn_compiler.backend(memory_budget=64))(q, q, q)
     torch.testing.assert_close(out, attn(q, q, q), atol=1e-5, rtol=1e-5)
     rep = attn_compiler.last_report()
     assert rep.peak_before.at() > rep.peak_after.at() and rep.graphs[0].memory_after.training is None
