@@ -101,9 +101,13 @@ def _atoms(factors):
 
 
 def _single(factors, what):
+    """The base axis an operand axis reads, or a tuple of base axes it merges (gpt-fast's RoPE flattens
+    [..., D/2, 2] into the head dim): the rewrite flattens those, a copy of q/k/v at worst, never of the scores."""
     f = drop_unit(factors)
     if len(f) > 1:
-        raise Reject(f"{what} merges several axes")
+        if any(x.broadcast for x in f):
+            raise Reject(f"{what} merges a broadcast axis with others")
+        return tuple(f)
     return f[0] if f else None
 
 
@@ -269,47 +273,80 @@ def _plan(path, softmax: fx.Node, dim: int) -> Plan:
         st.tag("scaled")
     _check_no_mutation(softmax.graph, qk, pv, {n for n in score_nodes if n.target in INPLACE})
     canon = [None] * (2 - n_b) + [("b", i) for i in range(n_b)] + [("m",), ("n",)]
-    _find_causal(st)
+    _find_causal(st, m_size, n_size)
     return Plan(softmax, qk, pv, q, k, v, q_targets, k_targets, v_targets, n_b, st,
                 score_nodes + prob_nodes, canon, ratio, val(prob).dtype)
 
 
-def _known_nonneg(lin: dict) -> bool:
-    expr = 0
+def _lin_value(lin: dict, extra=0):
+    expr = extra
     for key, c in lin.items():
         expr = expr + c * (1 if key == 1 else val(key))
+    return expr
+
+
+def _nonneg(expr) -> bool:
     if isinstance(expr, int):
         return expr >= 0
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return bool(statically_known_true(expr >= 0))
 
 
-def _find_causal(st: ScoreState) -> None:
-    """Replace masks proven causal by the kernel's causal flag, when that gives exactly eager's result."""
+def _known_nonneg(lin: dict) -> bool:
+    return _nonneg(_lin_value(lin))
+
+
+def _big_negative(fill) -> bool:
+    return fill == float("-inf") or fill <= -1e30 or fill in (
+        torch.finfo(torch.float16).min, torch.finfo(torch.bfloat16).min)
+
+
+def _find_causal(st: ScoreState, m_size, n_size) -> None:
+    """Replace masks proven causal by the kernel's causal flag, when that gives exactly eager's result.
+
+    The flag puts -inf above the diagonal where the mask put its fill. With a -inf fill that is the same thing.
+    With a finite fill (finfo.min) it is the same only while every row keeps a key: a row masked everywhere gives
+    a uniform row in eager but NaN with the flag. So a finite fill needs a proof that the mask keeps a key in every
+    row, and no other mask or bias on the site (one could push a row's kept keys down to the fill: a padding mask).
+    A mask that is causal AND more (a sliding window) implies the flag but is still passed as a tensor.
+    """
     for group, additive in ((st.masks, False), (st.biases, True)):
         for op in list(group):
             if additive and op.coef != 1:
                 continue
-            found = causal.causal_offset(op.node, op.dims, op.keep, additive)
-            if found is None:
+            exact = causal.causal_offset(op.node, op.dims, op.keep, additive)
+            implied = None if exact is not None else causal.implied_causal(op.node, op.dims, op.keep, additive)
+            if exact is None and implied is None:
                 continue
-            offset, fill = found
+            offset, fill = exact if exact is not None else implied[:2]
             if not additive:
                 fill = op.fill
-            big_negative = fill == float("-inf") or fill <= -1e30 or fill in (
-                torch.finfo(torch.float16).min, torch.finfo(torch.bfloat16).min)
-            if not big_negative:
+            if not _big_negative(fill):
                 st.causal_note = f"mask is causal but its fill {fill} is not -inf or the dtype minimum"
                 continue
-            # Skipping masked tiles equals eager only if no row is fully masked, or the fill is -inf (both NaN).
-            if fill != float("-inf") and not _known_nonneg(offset):
-                st.causal_note = "causal mask with a finite fill may mask whole rows: passed as a tensor"
-                continue
+            if fill != float("-inf"):
+                if [o for o in st.masks + st.biases if o is not op]:
+                    st.causal_note = ("causal mask with a finite fill next to another mask or bias (which could mask "
+                                      "whole rows): passed as a tensor")
+                    continue
+                if exact is not None and not _known_nonneg(offset):
+                    st.causal_note = "causal mask with a finite fill may mask whole rows: passed as a tensor"
+                    continue
+                diagonal = None if exact is not None else implied[2]
+                if exact is None and (diagonal is None or not all(_known_nonneg(d) for d in diagonal)
+                                      or not _known_nonneg(offset)
+                                      or not _nonneg(_lin_value({k: -c for k, c in offset.items()},
+                                                                n_size - m_size))):
+                    st.causal_note = "mask implies causal but may mask whole rows: passed as a tensor only"
+                    continue
             if st.causal is not None and st.causal != offset:
                 continue
             st.causal = offset
-            group.remove(op)
-            st.tag("causal")
+            if exact is not None:
+                group.remove(op)
+                st.tag("causal")
+            else:
+                st.tag("causal(+mask)")
 
 
 def _is_weight(node) -> bool:

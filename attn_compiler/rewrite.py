@@ -13,7 +13,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from attn_compiler.layout import drop_unit, is_one, known_eq, prod, shape_of, val
+from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
 from attn_compiler.match import Plan
 from attn_compiler.patterns.common import Operand
 from attn_compiler.site import Reject
@@ -49,13 +49,25 @@ def nbytes_expr(node: fx.Node):
     return sympy.Mul(*[size_expr(s) for s in t.shape], sympy.Integer(t.element_size()))
 
 
-def materialize(em: Emitter, base: fx.Node, targets: list, ref: fx.Node | None) -> fx.Node:
-    """A view of ``base`` whose axes are ``targets`` (base axes, broadcast factors, or None for unit axes).
+def _is_broadcast(f) -> bool:
+    return isinstance(f, Factor) and f.broadcast
 
-    Broadcast axes are expanded (stride 0, no copy) to the size of the same axis of ``ref``.
+
+def _base_axes(f) -> list:
+    if f is None or _is_broadcast(f):
+        return []
+    return [x.axis for x in f] if isinstance(f, tuple) else [f.axis]
+
+
+def materialize(em: Emitter, base: fx.Node, targets: list, ref: fx.Node | None) -> fx.Node:
+    """A view of ``base`` whose axes are ``targets`` (base axes, tuples of base axes to merge, broadcast factors, or
+    None for unit axes).
+
+    Broadcast axes are expanded (stride 0, no copy) to the size of the same axis of ``ref``. Merged axes are
+    flattened (a view when their strides allow it, else a copy of the operand).
     """
     shape = shape_of(base)
-    used = [f.axis for f in targets if f is not None and not f.broadcast]
+    used = [a for f in targets for a in _base_axes(f)]
     unused = [i for i in range(len(shape)) if i not in used]
     if any(not is_one(shape[i]) for i in unused):
         raise Reject("internal: a non-unit axis of an operand is not used")
@@ -66,13 +78,19 @@ def materialize(em: Emitter, base: fx.Node, targets: list, ref: fx.Node | None) 
     order = [remaining.index(a) for a in used]
     if order != list(range(len(order))):
         node = em.call(aten.permute.default, node, order)
+    pos = 0
+    for f in targets:
+        n = len(_base_axes(f))
+        if n > 1:
+            node = em.call(aten.flatten.using_ints, node, pos, pos + n - 1)
+        pos += 1 if n else 0
     for pos, f in enumerate(targets):
-        if f is None or f.broadcast:
+        if f is None or _is_broadcast(f):
             node = em.call(aten.unsqueeze.default, node, pos)
-    if any(f is not None and f.broadcast for f in targets):
+    if any(_is_broadcast(f) for f in targets):
         sizes = []
         for i, f in enumerate(targets):
-            if f is None or not f.broadcast:
+            if not _is_broadcast(f):
                 sizes.append(-1)
             elif isinstance(f.size, int):
                 sizes.append(f.size)

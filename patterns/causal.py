@@ -57,19 +57,27 @@ class Pred:  # bool tensor: sum(coef[a] * idx_a) <= bound
 
 
 @dataclasses.dataclass(frozen=True)
+class All:  # bool tensor: every predicate holds (a causal mask narrowed by a sliding window)
+    preds: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class Const:
     value: Any  # bool or float, same everywhere
 
 
 @dataclasses.dataclass(frozen=True)
 class Select:  # float tensor: a where pred else b
-    pred: Pred
+    pred: Any  # Pred or All
     a: float
     b: float
 
 
-def _neg(p: Pred) -> Pred:
-    # not (L <= c)  <=>  L >= c + 1  <=>  -L <= -c - 1   (integer indices)
+def _neg(p):
+    # not (L <= c)  <=>  L >= c + 1  <=>  -L <= -c - 1   (integer indices). A negated conjunction is a
+    # disjunction, which this domain does not hold.
+    if not isinstance(p, Pred):
+        return None
     return Pred(tuple(-c for c in p.coef), _ladd({1: -1}, p.bound, -1))
 
 
@@ -159,7 +167,7 @@ class _Interp:
         if t in (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout):
             return _convert(x, val(n).dtype)
         if t in (aten.logical_not.default, aten.bitwise_not.default):
-            return _neg(x) if isinstance(x, Pred) else (Const(not x.value) if isinstance(x, Const) else None)
+            return _neg(x) if isinstance(x, (Pred, All)) else (Const(not x.value) if isinstance(x, Const) else None)
         if t in (aten.eq.Scalar, aten.ne.Scalar):
             want = a[1]
             truth = _truth(x)
@@ -186,6 +194,9 @@ class _Interp:
             if isinstance(x, Index) and isinstance(y, Index) and len(x.coef) == len(y.coef):
                 return Index(tuple(p + sign * q for p, q in zip(x.coef, y.coef)), _ladd(x.const, y.const, sign))
             return None
+        if t in (aten.bitwise_and.Tensor, aten.logical_and.default, aten.__and__.Tensor) or (
+                t is aten.mul.Tensor and val(n).dtype == torch.bool):
+            return _and(x, self.eval(a[1]) if isinstance(a[1], fx.Node) else Const(a[1]))
         if t is aten.rsub.Scalar and isinstance(x, Select):  # c - select(p, a, b)
             c = a[1]
             return Select(x.pred, float(c) - x.a, float(c) - x.b)
@@ -194,13 +205,13 @@ class _Interp:
         if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             cond = self.eval(a[1])
             fill = a[2] if not isinstance(a[2], fx.Node) else None
-            if isinstance(x, Const) and isinstance(cond, Pred) and isinstance(fill, (int, float)):
+            if isinstance(x, Const) and isinstance(cond, (Pred, All)) and isinstance(fill, (int, float)):
                 return Select(cond, float(fill), float(x.value))
             return None
         if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
             cond = x
             av, bv = (self.eval(v) if isinstance(v, fx.Node) else Const(v) for v in a[1:3])
-            if isinstance(cond, Pred) and isinstance(av, Const) and isinstance(bv, Const):
+            if isinstance(cond, (Pred, All)) and isinstance(av, Const) and isinstance(bv, Const):
                 if isinstance(av.value, bool) and isinstance(bv.value, bool):
                     if av.value and not bv.value:
                         return cond
@@ -212,9 +223,30 @@ class _Interp:
         return None
 
 
+def _pad(p: Pred, rank: int) -> Pred:
+    return Pred((0,) * (rank - len(p.coef)) + p.coef, p.bound)
+
+
+def _and(x, y):
+    """x & y of two bool tensors (broadcast: predicates are aligned on their trailing axes)."""
+    for a, b in ((x, y), (y, x)):
+        if isinstance(a, Const) and isinstance(a.value, bool):
+            return b if a.value else a
+    preds = []
+    for p in (x, y):
+        if isinstance(p, Pred):
+            preds.append(p)
+        elif isinstance(p, All):
+            preds += list(p.preds)
+        else:
+            return None
+    rank = max(len(p.coef) for p in preds)
+    return All(tuple(_pad(p, rank) for p in preds))
+
+
 def _truth(x):
     """(predicate, value where true, value where false) of a bool or 0/1-valued tensor."""
-    if isinstance(x, Pred):
+    if isinstance(x, (Pred, All)):
         return x, 1.0, 0.0
     if isinstance(x, Select):
         return x.pred, x.a, x.b
@@ -222,7 +254,7 @@ def _truth(x):
 
 
 def _convert(x, dtype):
-    if isinstance(x, Pred) and dtype != torch.bool:
+    if isinstance(x, (Pred, All)) and dtype != torch.bool:
         return Select(x, 1.0, 0.0)
     if isinstance(x, Select) and dtype == torch.bool:
         if x.b == 0 and x.a != 0:
@@ -240,8 +272,10 @@ def _map_coef(x, fn):
         return Index(fn(x.coef), x.const)
     if isinstance(x, Pred):
         return Pred(fn(x.coef), x.bound)
+    if isinstance(x, All):
+        return All(tuple(_map_coef(p, fn) for p in x.preds))
     if isinstance(x, Select):
-        return Select(Pred(fn(x.pred.coef), x.pred.bound), x.a, x.b)
+        return Select(_map_coef(x.pred, fn), x.a, x.b)
     if isinstance(x, Const):
         return x
     return None
@@ -290,6 +324,8 @@ def _shift(x, dim, start: dict):
         return Index(x.coef, const_shift(x.coef, x.const))
     if isinstance(x, Pred):  # L(old) <= c  <=>  L(new) + coef*start <= c
         return Pred(x.coef, _ladd(x.bound, {k: v * x.coef[dim] for k, v in start.items()}, -1))
+    if isinstance(x, All):
+        return All(tuple(_shift(p, dim, start) for p in x.preds))
     if isinstance(x, Select):
         return Select(_shift(x.pred, dim, start), x.a, x.b)
     if isinstance(x, Const):
@@ -327,30 +363,32 @@ def evaluate(node: fx.Node):
     return _Interp().eval(node)
 
 
-def causal_offset(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
-    """If the mask applied at score dims ``score_dims`` allows key j for query i iff j - i <= offset, return
-    (offset as linear dict, fill value); else None. For additive masks the fill is the masked value."""
+def _mask_pred(mask_node: fx.Node, keep: bool, additive: bool):
+    """(predicate of the kept positions, fill of the others) of a mask proven structural, else None."""
     x = evaluate(mask_node)
-    fill = float("-inf")
     if additive:
         if not isinstance(x, Select):
             return None
         if x.a == 0.0 and x.b < 0:
-            pred, fill = x.pred, x.b
-        elif x.b == 0.0 and x.a < 0:
-            pred, fill = _neg(x.pred), x.a
-        else:
-            return None
-    else:
-        if not isinstance(x, Pred):
-            return None
-        pred = x if keep else _neg(x)
+            return x.pred, x.b
+        if x.b == 0.0 and x.a < 0:
+            p = _neg(x.pred)
+            return (p, x.a) if p is not None else None
+        return None
+    if not isinstance(x, (Pred, All)):
+        return None
+    p = x if keep else _neg(x)
+    return (p, float("-inf")) if p is not None else None
+
+
+def _row_key_coefs(pred: Pred, score_dims):
+    """(c_m, c_n): the predicate as c_m * i + c_n * j <= bound over query row i and key j; None when it reads a
+    batch or head axis."""
     rank = len(pred.coef)
     if rank > len(score_dims):
         return None
     aligned = score_dims[len(score_dims) - rank:]
     c_m = c_n = 0
-    has_m = any(f.axis == ("m",) and not known_eq(f.size, 1) for d in score_dims for f in d)
     for coef, factors in zip(pred.coef, aligned):
         atoms = [f.axis for f in factors if not known_eq(f.size, 1)]
         if coef == 0 or not atoms:  # a unit axis: its index is always 0
@@ -361,9 +399,58 @@ def causal_offset(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
             c_n += coef
         else:
             return None
-    if c_n == 1 and (c_m == -1 or (c_m == 0 and not has_m)):  # a single query row is row 0
+    return c_m, c_n
+
+
+def _has_m(score_dims) -> bool:
+    return any(f.axis == ("m",) and not known_eq(f.size, 1) for d in score_dims for f in d)
+
+
+def _is_causal(coefs, has_m: bool) -> bool:
+    return coefs is not None and coefs[1] == 1 and (coefs[0] == -1 or (coefs[0] == 0 and not has_m))
+
+
+def causal_offset(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
+    """If the mask applied at score dims ``score_dims`` allows key j for query i iff j - i <= offset, return
+    (offset as linear dict, fill value); else None. For additive masks the fill is the masked value."""
+    found = _mask_pred(mask_node, keep, additive)
+    if found is None or not isinstance(found[0], Pred):
+        return None
+    pred, fill = found
+    if _is_causal(_row_key_coefs(pred, score_dims), _has_m(score_dims)):  # a single query row is row 0
         return pred.bound, fill
     return None
+
+
+def implied_causal(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
+    """A mask that is causal AND other structural predicates (Mistral's sliding window: j <= i and j > i - w).
+
+    Returns (offset, fill, diagonal) or None. The kernel's causal flag with this offset drops nothing the mask
+    keeps, so the flag may be set to skip the tiles above the diagonal, but the mask itself must still be passed
+    (the op has no window flag). ``diagonal`` lists linear expressions that are all >= 0 exactly when every other
+    predicate keeps key i + offset of row i (None: not provable), which is what keeps rows from being fully
+    masked; the caller also needs 0 <= i + offset < N.
+    """
+    found = _mask_pred(mask_node, keep, additive)
+    if found is None or not isinstance(found[0], All):
+        return None
+    conj, fill = found
+    has_m = _has_m(score_dims)
+    coefs = [_row_key_coefs(p, score_dims) for p in conj.preds]
+    if any(c is None for c in coefs):
+        return None
+    causal = [p for p, c in zip(conj.preds, coefs) if _is_causal(c, has_m)]
+    if not causal:
+        return None
+    offset = causal[0].bound
+    diagonal = []
+    for p, (c_m, c_n) in zip(conj.preds, coefs):
+        # row i, key i + offset: c_m * i + c_n * (i + offset) <= bound for every i needs c_m + c_n == 0 (or one row)
+        if c_m + c_n != 0 and has_m:
+            diagonal = None
+            break
+        diagonal.append(_ladd(p.bound, {k: c_n * v for k, v in offset.items()}, -1))
+    return offset, fill, diagonal
 
 
 # Spellings

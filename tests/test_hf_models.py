@@ -5,7 +5,7 @@ site per attention module, none left, outputs and parameter gradients as close t
 Family notes (what each one exercises):
   gpt2         causal mask built by HF's masking utils, proven causal   llama      GQA (repeat_kv), RoPE
   llama_pad    causal + padding: data, so the mask is passed to the kernel as a tensor bias
-  mistral      sliding window (mask passed as a tensor)                  bert       padding mask, bidirectional
+  mistral      sliding window: causal flag + window tensor                bert       padding mask, bidirectional
   gemma2       tanh logit soft-capping, alternating sliding layers       t5         relative position bias, cross
   bloom        ALiBi through baddbmm(beta=1, alpha=1/sqrt(d))           falcon     in-place ``scores /= sqrt(d)``, MQA
   mpt          ALiBi added to the scores, boolean causal fill            gpt_bigcode MQA (one kv head)
@@ -13,15 +13,20 @@ Family notes (what each one exercises):
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+import attn_compiler
+from helpers import check_against_eager, check_model
 
-import attn_compiler  # noqa: E402
-from helpers import check_model  # noqa: E402
-
-T = transformers
+try:
+    import transformers as T
+except ImportError:  # the HF tests skip (pytest.importorskip below); the hand-written models still run
+    T = None
 SEQ = 19  # crosses the 16-wide reference tiles of conftest unevenly
 VOCAB = 128
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
@@ -86,7 +91,8 @@ FAMILIES = {
                    dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
                         dropout=0.0, attention_dropout=0.0), "right_pad"),
 }
-FAMILIES = {name: spec for name, spec in FAMILIES.items() if hasattr(T, spec[0])}  # older transformers lack some
+if T is not None:  # older transformers lack some families
+    FAMILIES = {name: spec for name, spec in FAMILIES.items() if hasattr(T, spec[0])}
 
 # Families whose attention is left alone on purpose, with the reason the report must give.
 LEFT = {
@@ -199,6 +205,7 @@ def _check(family, spec, extra, train, dynamic, rewritten, left):
 
 @pytest.mark.parametrize("family,train,dynamic", CASES, ids=[_case_id(c) for c in CASES])
 def test_family(family, train, dynamic):
+    pytest.importorskip("transformers")
     *spec, extra = FAMILIES[family]
     n = attention_modules(_build(*spec))
     assert n > 0
@@ -208,6 +215,8 @@ def test_family(family, train, dynamic):
         assert all(f["causal"] and not f["bias"] for f in flags), flags
     if family == "llama":
         assert all(f["gqa"] == "GQA" for f in flags)
+    if family == "mistral":  # sliding window: causal flag for the tiles above the diagonal, the window as a tensor
+        assert all(f["causal"] and f["bias"] == 1 for f in flags), flags
     if family in ("bloom", "mpt", "t5"):  # ALiBi / relative position bias passed to the kernel, not dropped
         assert all(f["bias"] >= 1 for f in flags), flags
     if family == "gemma2":
@@ -216,7 +225,211 @@ def test_family(family, train, dynamic):
 
 @pytest.mark.parametrize("family", list(LEFT))
 def test_left_alone_with_reason(family):
+    pytest.importorskip("transformers")
     *spec, extra, reason = LEFT[family]
     n = attention_modules(_build(*spec))
     sites = _check(family, spec, extra, False, False, rewritten=0, left=n)
     assert all(reason in s.reason for s in sites), [s.reason for s in sites]
+
+
+# Hand-written models: the spellings of nanoGPT, gpt-fast and research code.
+
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention (slow path): the causal mask is a slice of a registered ``tril`` buffer."""
+
+    def __init__(self, n_embd=64, n_head=4, block=64):
+        super().__init__()
+        self.n_head, self.n_embd = n_head, n_embd
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout = nn.Dropout(0.0)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        att = self.attn_dropout(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
+        return self.c_proj(y)
+
+
+def _rope(x, freqs_cis):
+    """gpt-fast's apply_rotary_emb: pairs of features as complex numbers, spelled with real ops."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], -1)
+    return out.flatten(3).type_as(x)
+
+
+class GPTFastAttention(nn.Module):
+    """gpt-fast's Attention: fused wqkv, RoPE, a KV cache updated in place at ``input_pos``, GQA by
+    ``repeat_interleave``, a boolean mask indexed from a causal buffer, and SDPA (decomposed to softmax(QK^T)V by
+    the lowering on CPU) or the explicit eager spelling."""
+
+    def __init__(self, dim=64, n_head=4, n_local_heads=2, max_seq=64, batch=2, sdpa=True):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim, self.sdpa = n_head, n_local_heads, dim // n_head, sdpa
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_local_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        shape = (batch, n_local_heads, max_seq, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape))
+        self.register_buffer("v_cache", torch.zeros(shape))
+        self.register_buffer("causal_mask", torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool)))
+        theta = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        angles = torch.outer(torch.arange(max_seq).float(), theta)
+        self.register_buffer("freqs_cis", torch.stack([angles.cos(), angles.sin()], -1))
+
+    def forward(self, x, input_pos):
+        bsz, seqlen, _ = x.shape
+        kv_size = self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        freqs = self.freqs_cis[input_pos]
+        q, k = _rope(q, freqs), _rope(k, freqs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        k, v = self.k_cache, self.v_cache
+        k = k.repeat_interleave(self.n_head // self.n_local_heads, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_local_heads, dim=1)
+        mask = self.causal_mask[None, None, input_pos]
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        else:
+            s = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            y = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(y)
+
+
+class Stack(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x, *args):
+        for layer in self.layers:
+            x = x + layer(x, *args)
+        return x
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_nanogpt_sliced_tril_buffer(dynamic):
+    """pytorch#119760: slicing the causal bias buffer must not block the match. The buffer is module state that
+    Dynamo does not guard on (an in-place update or load_state_dict can change it), so its slice is passed to the
+    kernel as a boolean mask tensor, never replaced by the causal flag on the strength of its compile-time value."""
+    torch.manual_seed(0)
+    model = Stack([NanoGPTAttention() for _ in range(2)])
+    x = torch.randn(2, 19, 64)
+    report = check_model(model, [x], torch.float32, dynamic=dynamic, rewritten=2, train=True)
+    assert all(s.flags["bool_masks"] == 1 and not s.flags["causal"] for s in report.sites)
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_gpt_fast_prefill_and_decode(sdpa):
+    """gpt-fast-style inference: prefill 19 tokens, then decode one, through a KV cache written in place. The
+    mutation happens before the QK^T matmul, so the kernel reads the updated cache (the full max_seq length, with
+    the mask row selecting the valid keys). RoPE's flatten of [..., D/2, 2] into the head dim is followed through.
+    With SDPA the graph holds a fused attention op and no softmax: nothing to rewrite, and no site is reported."""
+    torch.manual_seed(0)
+    model = Stack([GPTFastAttention(sdpa=sdpa) for _ in range(2)]).eval()
+    ref = Stack([GPTFastAttention(sdpa=sdpa) for _ in range(2)]).eval()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="memattn", fullgraph=True)
+    x = torch.randn(2, 20, 64)
+    before = len(attn_compiler.reports())
+    with torch.no_grad():
+        for pos in (torch.arange(19), torch.tensor([19])):
+            got, want = compiled(x[:, pos], pos), ref(x[:, pos], pos)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    sites = [s for r in attn_compiler.reports()[before:] for s in r.sites]
+    if sdpa:
+        assert sites == []
+        return
+    assert len(sites) == 4 and all(s.status == "rewritten" for s in sites), [s.reason for s in sites]
+    assert all(s.flags["gqa"] == "GQA" and s.flags["bool_masks"] == 1 for s in sites)
+
+
+class DynamicHeadDim(nn.Module):
+    """pytorch#194444: the scale is 1/math.sqrt(q.size(-1)) with the head dim a dynamic size."""
+
+    def forward(self, q, k, v):
+        att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        return torch.softmax(att, dim=-1) @ v
+
+
+def test_scale_from_dynamic_head_dim():
+    """The scale becomes a constant of the compiled graph, guarded on the head dim: a new head dim recompiles with
+    its own scale instead of reusing (or silently dropping) the old one."""
+    g = torch.Generator().manual_seed(0)
+    for d in (16, 40):
+        q, k, v = (torch.randn(2, 4, 19, d, generator=g) for _ in range(3))
+        report = check_against_eager(DynamicHeadDim(), [q, k, v], torch.float32, dynamic=True)
+        assert report.sites[0].flags["scale"] == pytest.approx(1 / math.sqrt(d))
+
+
+def test_half_qkv_with_fp32_mask():
+    """pytorch#195784: bf16 q/k/v with an fp32 additive mask (the scores are promoted to fp32 by the add, and the
+    probabilities cast back for the PV matmul). The mask is passed as it is; the kernel adds it in fp32."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 19, 16, generator=g) for _ in range(3))
+    pad = torch.zeros(2, 1, 1, 19)
+    pad[1, ..., 13:] = torch.finfo(torch.float32).min
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.25 + pad  # pad stays fp32 whatever q's dtype
+        return torch.softmax(s, dim=-1).to(q.dtype) @ v
+
+    report = check_against_eager(fn, [q, k, v], torch.bfloat16)
+    assert report.sites[0].flags["bias"] == 1
+
+
+def test_merged_heads_keep_the_callers_reshape():
+    """pytorch#195589: attention on [B*H, T, D] with bmm, reshaped by the caller afterwards. The rewrite produces
+    the PV matmul's own shape, and the caller's view/transpose/reshape stay as they were."""
+    def fn(q, k, v):
+        b, h, t, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+        p = torch.softmax(torch.bmm(q3, k3.transpose(1, 2)) / math.sqrt(d), dim=-1)
+        return torch.bmm(p, v3).view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 19, 16, generator=g) for _ in range(3))
+    for dynamic in (False, True):
+        check_against_eager(fn, [q, k, v], torch.float32, dynamic=dynamic)
+
+
+def _window_fn(lo, fill):
+    """Keys lo..7 positions back from the query (lo = 0: the diagonal is kept). Window and fill are spelled as
+    literals: closure numbers become run-time values under dynamic=True, and then nothing about them is proven."""
+    def fn(q, k, v):
+        n = q.shape[-2]
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        keep = ((j <= i) if lo == 0 else (j <= i - 1)) & (j > i - 8)
+        s = q @ k.transpose(-2, -1) * 0.25
+        s = torch.where(keep, s, float("-inf") if fill == "-inf" else torch.finfo(s.dtype).min)
+        return torch.softmax(s, -1) @ v
+    return fn
+
+
+@pytest.mark.parametrize("lo,fill,flag", [(0, "-inf", True), (0, "min", True), (1, "min", False)],
+                         ids=["diag-inf", "diag-min", "no-diag-min"])
+def test_sliding_window_implies_causal(lo, fill, flag):
+    """A sliding window (Mistral) is causal AND j > i - w: the kernel's causal flag skips the tiles above the
+    diagonal, and the window stays a mask tensor (the op has no window flag). With a finite fill the flag needs
+    every row to keep a key: a window that excludes the diagonal leaves row 0 empty (eager: uniform), so no flag."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=g) for _ in range(3))
+    for dynamic in (False, True):
+        report = check_against_eager(_window_fn(lo, fill), [q, k, v], torch.float32, dynamic=dynamic)
+        flags = report.sites[0].flags
+        assert flags["causal"] == flag and flags["bool_masks"] == 1, flags
