@@ -68,14 +68,16 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dq, dk, dv, dbias = dispatch.backward(dout, q, k, v, out, stats, bias, mask, seed, spec, kernel, bias_grad)
     if dbias is None:
         dbias = q.new_empty((0,))
-    return dq, dk, dv, dbias
+    # contiguous whatever the implementation returns, so the fake below describes the strides exactly
+    # (AOTAutograd traces views of these gradients against the fake's strides)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(dout, q, k, v, out, stats, bias, mask, seed, scale, softcap, causal, causal_offset,
                              mask_fill, mask_keep, dropout_p, safe_softmax, kernel, bias_grad):
     dbias = bias.new_empty(bias.shape) if (bias_grad and bias is not None) else q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):

@@ -203,16 +203,6 @@ def apply(gm: fx.GraphModule, outcome: Outcome) -> None:
             node.meta["ac_graph_id"] = 1
 
 
-def _reshape_views(gm: fx.GraphModule) -> fx.GraphModule:
-    """``view`` -> ``reshape`` in a graph AOTAutograd made: the memattn backward op returns contiguous gradients
-    where its fake says they are strided like q (ops.py), so a traced ``view`` of them can fail at run time;
-    ``reshape`` is the same view where strides allow and a copy otherwise."""
-    for node in gm.graph.nodes:
-        if node.target is aten.view.default:
-            node.target = aten.reshape.default
-    return gm
-
-
 def _boxed(gm: fx.GraphModule):
     """Run a graph with the boxed calling convention, so its inputs (the saved tensors, in backward) are freed
     after their last use rather than when the call returns."""
@@ -251,10 +241,10 @@ def compile_with_plan(gm: fx.GraphModule, example_inputs, outcome: Outcome, inne
         return fw, bw
 
     def fw_compiler(g, ex):
-        return inner_compile(_reshape_views(g), ex, boxed=False)
+        return inner_compile(g, ex, boxed=False)
 
     def bw_compiler(g, ex):
-        return inner_compile(_reshape_views(g), ex, boxed=True)
+        return inner_compile(g, ex, boxed=True)
 
     return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition)(gm,
                                                                                                 example_inputs)

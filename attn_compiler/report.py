@@ -153,8 +153,19 @@ class Report:
     def diff(self) -> str:
         return "\n\n".join(g.diff() for g in self.graphs)
 
+    @property
+    def kernel_fallbacks(self) -> dict:
+        """Calls that fell back from the Triton kernel to the reference implementation, by reason. Kernels run
+        after compilation, so this is read live (process-wide: the kernels do not know which graph called them)."""
+        from attn_compiler.codegen import dispatch
+        return dict(dispatch.fallbacks)
+
     def __str__(self) -> str:
         parts = [self.summary(), self.table()]
+        fb = self.kernel_fallbacks
+        if fb:
+            parts.append("kernel fallbacks to the reference implementation:\n" + "\n".join(
+                f"  {n} call(s): {reason}" for reason, n in fb.items()))
         mem = self.memory()
         if mem:
             parts.append(mem)

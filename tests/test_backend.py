@@ -249,3 +249,29 @@ def test_pass_failure_runs_the_graph_unchanged(monkeypatch):
         out = torch.compile(scaled.div_scores, backend="memattn")(q, k, v)
     torch.testing.assert_close(out, scaled.div_scores(q, k, v))
     assert "injected" in attn_compiler.last_report().graphs[0].error
+
+
+def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeypatch):
+    """An injected Triton failure: the call still returns eager's result via the reference, warns once, and the
+    report lists the fallback."""
+    import types
+
+    from attn_compiler.codegen import dispatch
+
+    broken = types.SimpleNamespace(supports=lambda *a: (True, ""),
+                                   forward=lambda *a: (_ for _ in ()).throw(RuntimeError("injected compile error")))
+    monkeypatch.setattr(dispatch, "_triton_module", lambda: broken)
+    monkeypatch.setattr(dispatch, "_wants_triton", lambda q, kernel: True)
+    monkeypatch.setattr(dispatch, "fallbacks", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    q, k, v = qkv()
+    f = torch.compile(scaled.div_scores, backend="memattn")
+    with pytest.warns(RuntimeWarning, match="injected compile error") as rec:
+        out1 = f(q, k, v)
+        out2 = f(q, k, v)
+    assert len([w for w in rec if "injected" in str(w.message)]) == 1
+    torch.testing.assert_close(out1, scaled.div_scores(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2, out1)
+    report = attn_compiler.last_report()
+    assert report.kernel_fallbacks == {"RuntimeError: injected compile error": 2}
+    assert "kernel fallbacks to the reference implementation" in str(report)
