@@ -3,8 +3,9 @@ the scores, to q or to k. Scaling of q/k is folded by attn_compiler/layout.py; t
 import math
 
 import torch
+import torch.fx as fx
 
-from attn_compiler.layout import scale_of
+from attn_compiler.layout import scale_of, val
 from attn_compiler.site import Reject
 
 from .common import ScoreState
@@ -17,9 +18,31 @@ def on_scale(node, chain_arg: int, st: ScoreState) -> None:
     if sc is None or sc[0] != chain_arg:
         raise Reject(f"the scores are multiplied by a tensor ({node.format_node()}), not a scalar")
     if st.biases or st.masks:
-        raise Reject("the scores are scaled after a mask or bias was applied")
+        _scale_applied_terms(st, sc[1])
     (st.softcap_post if st.softcap_post is not None else st.scale).append(sc[1])
     st.tag("scaled")
+
+
+def _scale_applied_terms(st: ScoreState, factor) -> None:
+    """(s + bias) * c = s * c + bias * c, and where(m, s, fill) * c = where(m, s * c, fill * c): a scale after the
+    bias or mask (Falcon's ALiBi: ``(scores + alibi) * inv_norm``) moves onto those terms. c must be a nonzero
+    number: 0 * -inf fills would be NaN. One computed from shapes (1/sqrt(d) of a dynamic head dim) is specialised
+    with a guard, as the rewrite does for the scale; a value read from a tensor at run time cannot be."""
+    kind, c = factor
+    if isinstance(c, fx.Node):
+        try:
+            c = float(val(c))  # guards on the shape expression
+        except Exception:
+            raise Reject("the scores are scaled after a mask or bias by a run-time value")
+    if not isinstance(c, (int, float)) or c == 0:
+        raise Reject("the scores are scaled after a mask or bias by zero")
+    c = float(c) if kind == "mul" else 1.0 / float(c)
+    if st.softcap_post is not None:
+        raise Reject("the scores are scaled after the soft-cap and a mask or bias")
+    for op in st.biases:
+        op.coef = op.coef * c
+    for op in st.masks:
+        op.fill = op.fill * c
 
 
 HANDLERS = {aten.mul.Tensor: on_scale, aten.mul.Scalar: on_scale, aten.div.Tensor: on_scale,

@@ -98,11 +98,28 @@ def test_in_place_update_between_the_matmuls():
     _left(fn, qkv(), "mutates")
 
 
-def test_scale_after_the_mask():
+def test_scale_after_the_mask_is_folded_into_the_bias_and_fill():
+    """(s + bias) / 3 and where(keep, s, fill) * 0.5: the scale moves onto the bias and the fill (Falcon ALiBi)."""
     def fn(q, k, v, bias):
         return torch.softmax((q @ k.transpose(-2, -1) + bias) / 3, -1) @ v
 
-    _left(fn, qkv() + [torch.randn(17, 17)], "scaled after")
+    report = check_against_eager(fn, qkv() + [torch.randn(17, 17)], torch.float32)
+    assert report.sites[0].flags["bias"] == 1 and report.sites[0].flags["scale"] == pytest.approx(1 / 3)
+
+    def fn2(q, k, v, keep):
+        return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, -1e4) * 0.5, -1) @ v
+
+    keep = torch.rand(17, 17) > 0.3
+    keep[:, 0] = True
+    report = check_against_eager(fn2, qkv() + [keep], torch.float32)
+    assert report.sites[0].flags["bool_masks"] == 1
+
+
+def test_scale_after_the_mask_by_a_tensor():
+    def fn(q, k, v, bias, t):
+        return torch.softmax((q @ k.transpose(-2, -1) + bias) * t, -1) @ v
+
+    _left(fn, qkv() + [torch.randn(17, 17), torch.tensor(0.3)], "multiplied by a tensor")
 
 
 def test_log_softmax_is_not_attention():
