@@ -3,7 +3,31 @@
     model = torch.compile(model, backend="memattn", options={"memory_budget": "8GiB"})
     print(attn_compiler.last_report())
 """
+import logging as _logging
 import os as _os
+import warnings as _warnings
+
+
+def _log_from_env() -> None:
+    """MEMATTN_LOG=info|debug (also warning, error) puts a stderr handler on the ``attn_compiler`` logger."""
+    want = _os.environ.get("MEMATTN_LOG", "").strip().lower()
+    if not want:
+        return
+    levels = {"debug": _logging.DEBUG, "info": _logging.INFO, "warning": _logging.WARNING, "error": _logging.ERROR}
+    if want not in levels:
+        _warnings.warn(f"MEMATTN_LOG={want!r} is not one of {', '.join(levels)}; logging left unchanged",
+                       RuntimeWarning, stacklevel=3)
+        return
+    logger = _logging.getLogger("attn_compiler")
+    if not any(getattr(h, "_memattn_env", False) for h in logger.handlers):
+        handler = _logging.StreamHandler()
+        handler.setFormatter(_logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        handler._memattn_env = True
+        logger.addHandler(handler)
+    logger.setLevel(levels[want])
+
+
+_log_from_env()
 
 # In a source checkout patterns/ and codegen/ sit beside this folder; an install maps them to
 # attn_compiler.patterns / attn_compiler.codegen. When the checkout itself is first on sys.path (python -m pytest

@@ -179,6 +179,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
         greport = GraphReport(graph_index, gm.code, gm.code, [], error=f"{type(e).__name__}: {e}")
         compiled_gm, outcome = gm, None
     report = Report(greport, opts, counters)
+    log.info("memattn: graph %d: %s", graph_index, report.summary().removeprefix("memattn: "))
+    for s in greport.sites:
+        log.debug("memattn: graph %d site %d %s at %s: %s", graph_index, s.index, s.status, s.location,
+                  s.reason or s.pattern)
     counters["rewritten"] += len(report.rewritten)
     counters["left"] += len(report.left)
     _reports.append(report)

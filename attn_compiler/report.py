@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import html
 import logging
 from typing import Optional
 
@@ -138,8 +137,10 @@ class Report:
 
     def table(self) -> str:
         rows = [("#", "status", "kernel", "pattern", "location", "n^2 bytes removed")]
+        several = len(self.graphs) > 1
         for s in self.sites:
-            rows.append((str(s.index), s.status, s.kernel or "-", s.pattern or "-", s.location,
+            rows.append((f"{s.graph_index}.{s.index}" if several else str(s.index), s.status, s.kernel or "-",
+                         s.pattern or "-", s.location,
                          _fmt_bytes(s.scores_bytes) if s.status == "rewritten" else "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -186,30 +187,20 @@ class Report:
             with open(path, "w") as f:
                 f.write(str(self) + "\n")
 
+    @classmethod
+    def merge(cls, reports) -> "Report":
+        """One report over several compilations (graph breaks, recompiles): each graph becomes a section."""
+        reports = list(reports)
+        if not reports:
+            raise ValueError("Report.merge needs at least one report")
+        out = cls.__new__(cls)
+        out.graphs = [g for r in reports for g in r.graphs]
+        out.options, out.counters = reports[-1].options, reports[-1].counters
+        return out
+
     def to_html(self, path: str) -> None:
-        """A self-contained page: summary, site table and the graph before/after side by side."""
-        esc = html.escape
-        rows = "".join(
-            f"<tr class='{esc(s.status)}'><td>{s.index}</td><td>{esc(s.status)}</td><td>{esc(s.kernel or '-')}</td>"
-            f"<td>{esc(s.pattern)}</td><td>{esc(s.location)}</td><td>{esc(str(s.scores_bytes))}</td>"
-            f"<td>{esc(s.reason or '')}</td></tr>" for s in self.sites)
-        graphs = []
-        for g in self.graphs:
-            sm = difflib.SequenceMatcher(a=g.before.splitlines(), b=g.after.splitlines(), autojunk=False)
-            left, right = [], []
-            for tag, i1, i2, j1, j2 in sm.get_opcodes():
-                cls = "" if tag == "equal" else " class='chg'"
-                left += [f"<div{cls}>{esc(x) or '&nbsp;'}</div>" for x in sm.a[i1:i2]]
-                right += [f"<div{cls}>{esc(x) or '&nbsp;'}</div>" for x in sm.b[j1:j2]]
-            graphs.append(f"<h2>graph {g.index}</h2><div class='sbs'><pre>{''.join(left)}</pre>"
-                          f"<pre>{''.join(right)}</pre></div>")
-        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>memattn report</title><style>
-body{{font-family:system-ui,sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.2em .5em;font-size:90%}} tr.left{{background:#fff4e0}}
-tr.rewritten{{background:#e8f7e8}} .sbs{{display:grid;grid-template-columns:1fr 1fr;gap:1em}}
-pre{{font-size:75%;overflow:auto;border:1px solid #ddd;padding:.5em}} .chg{{background:#fff3a8}}
-</style></head><body><h1>memattn report</h1><p>{esc(self.summary())}</p>
-<table><tr><th>#</th><th>status</th><th>kernel</th><th>pattern</th><th>location</th><th>n&sup2; bytes removed</th>
-<th>reason</th></tr>{rows}</table><h2>memory</h2><pre>{esc(self.memory())}</pre>{''.join(graphs)}</body></html>"""
-        with open(path, "w") as f:
-            f.write(page)
+        """A self-contained page (inline CSS, JS and SVG; nothing fetched): summary, site table, memory plot and
+        the graph before/after side by side with the rewritten regions linked to their site rows."""
+        from attn_compiler import report_html
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(report_html.render(self))
