@@ -31,6 +31,9 @@ INPLACE = {aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar,
 SCORE_CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
                aten.alias.default)
 MAX_DEPTH = 40
+# Users that read only a tensor's metadata: they do not keep the n x n tensor alive, and the rewrite re-points them
+# at a surviving tensor with the same symbolic size (rewrite._redirect_shape_reads).
+SHAPE_READERS = (aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default)
 
 
 @dataclasses.dataclass
@@ -87,8 +90,12 @@ def _score_paths(x: fx.Node):
     return paths
 
 
+def data_users(node: fx.Node) -> list:
+    return [u for u in node.users if u.target not in SHAPE_READERS]
+
+
 def _only_user(node: fx.Node, nxt: fx.Node) -> None:
-    users = list(node.users)
+    users = data_users(node)
     if users != [nxt]:
         others = [u for u in users if u is not nxt]
         names = ", ".join(f"{u.name} ({getattr(u.target, '__name__', u.target)})" for u in others[:3])
@@ -153,7 +160,7 @@ def _walk_probs(softmax: fx.Node, st: ScoreState):
     node = softmax
     nodes = [softmax]
     for _ in range(MAX_DEPTH):
-        users = list(node.users)
+        users = data_users(node)
         if len(users) != 1:
             _only_user(node, None)
         nxt = users[0]
@@ -380,11 +387,11 @@ def _attention_like(softmax: fx.Node, depth: int = 12) -> bool:
             return True  # too far to tell: keep it a candidate, so its reason is reported
     node = softmax
     for _ in range(depth):
-        if any(u.target in plain.PV_MATMULS for u in node.users):
+        if any(u.target in plain.PV_MATMULS for u in data_users(node)):
             return True
-        if len(node.users) != 1:
+        if len(data_users(node)) != 1:
             return False
-        node = next(iter(node.users))
+        node = next(iter(data_users(node)))
     return False
 
 

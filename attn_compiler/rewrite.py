@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
-from attn_compiler.match import Plan
+from attn_compiler.match import SHAPE_READERS, Plan
 from attn_compiler.patterns.common import Operand
 from attn_compiler.site import Reject
 
@@ -223,9 +223,49 @@ def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
         out = em.call(aten.squeeze.dim, out, 0)
     if out.meta["val"].dtype != val(plan.pv).dtype:
         raise Reject("internal: output dtype differs")
+    _redirect_shape_reads(plan)
     plan.pv.replace_all_uses_with(out)
     _erase_chain(plan)
     return att
+
+
+def _size_source(graph: fx.Graph, value):
+    """A node (or int) that gives ``value`` (a SymInt) without reading any chain tensor: a SymInt input with the
+    same expression, or a sym_size of an input tensor's dim. Inserted after the placeholders."""
+    if not isinstance(value, torch.SymInt):
+        return int(value)
+    expr = value.node.expr
+    if expr.is_number:
+        return int(expr)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        v = ph.meta.get("val")
+        if isinstance(v, torch.SymInt) and known_eq(v, value):
+            return ph
+    for ph in placeholders:
+        v = ph.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            for i, s in enumerate(v.shape):
+                if isinstance(s, torch.SymInt) and known_eq(s, value):
+                    with graph.inserting_after(placeholders[-1]):
+                        node = graph.call_function(aten.sym_size.int, (ph, i))
+                    node.meta["val"] = s
+                    return node
+    raise Reject(f"the size {expr} is read from the scores and no input has it; left alone")
+
+
+def _redirect_shape_reads(plan: Plan) -> None:
+    """Shape reads of chain tensors (sym_size of the scores, left by a reshape) read an input's size instead."""
+    readers = [u for n in [plan.qk] + plan.chain + [plan.pv] for u in n.users if u.target in SHAPE_READERS]
+    sources = [_size_source(plan.pv.graph, u.meta.get("val")) for u in readers]  # all found before any change
+    for reader, src in zip(readers, sources):
+        if isinstance(src, fx.Node):
+            reader.replace_all_uses_with(src)
+        else:
+            for user in list(reader.users):
+                user.args = fx.node.map_arg(user.args, lambda a: src if a is reader else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: src if a is reader else a)
+        reader.graph.erase_node(reader)
 
 
 def _erase_chain(plan: Plan) -> None:

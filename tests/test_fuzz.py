@@ -226,6 +226,26 @@ def check_program(p: Program):
         assert report.sites[0].reason, str(report)
 
 
+def _prog(**kw) -> Program:
+    base = dict(b=1, h=1, hkv=1, sq=1, sk=1, d=1, dtype=torch.float32, dynamic=False, spelling="matmul",
+                scale_at="none", softmax_cast=False, layout="bhsd", mask="none", mask_shape="ss", fill="-inf",
+                dead_row=False, causal="none", repeat="expand", dropout="none", extra_user="none", big=False, seed=0)
+    return Program(**{**base, **kw})
+
+
+# Every failure the fuzzer found, fixed, kept as a regression test (the profile runs are random; these always run).
+REGRESSIONS = {
+    # dynamic=True with b == h == 2 (duck-sized to one symbol): the reshape after QK^T read sym_size of the scores,
+    # which counted as another user of the n x n tensor; shape reads now go to an input with the same size
+    "shape_read_of_scores": _prog(b=2, h=2, hkv=1, dynamic=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_fuzz_regression(name):
+    check_program(REGRESSIONS[name])
+
+
 @pytest.mark.skipif(not os.environ.get("MEMATTN_FUZZ"), reason=(
     "open failures found by this fuzzer, not yet fixed (issue 7): a site left alone that should be rewritten "
     "(b=2 case), and a bf16 grad of q 0.0143 vs eager's 0.00075; run with MEMATTN_FUZZ=ci or MEMATTN_FUZZ=long"))
