@@ -183,51 +183,87 @@ def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:
 
 def attention_backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad: bool = False,
                        block_m: int | None = None, block_n: int | None = None):
-    """Returns (dq, dk, dv, dbias or None); probabilities are recomputed tile by tile from the stats."""
+    """Returns (dq, dk, dv, dbias or None); probabilities are recomputed tile by tile from the stats.
+
+    Two passes over the key tiles of each query tile, as the kernels do (dq kernel, then dk/dv kernel):
+
+    1. delta_i = sum_j p_ij dp_ij exactly (dp: the gradient of the dropped-and-scaled probabilities, dO v^T times
+       the dropout scale), in the same loop as dq. FA2 takes delta = rowsum(dO * O) instead, which is the same
+       number in exact arithmetic, but O is rounded to the input dtype: when p is nearly one-hot,
+       ds = p (dp - delta) cancels and that rounding dominates dq, dk and dbias (bf16: ~20x eager's error).
+       delta is only known at the end of the loop, so dq is accumulated around a shift known up front,
+       d0 = rowsum(dO * O):  dq_i = scale * (sum_j w_ij (dp_ij - d0_i) k_j - (delta_i - d0_i) sum_j w_ij k_j)
+       with w = p * keep * (1 - t^2) (keep: the mask, t: the softcap tanh). d0 is close to delta, so the first
+       sum holds values of the size of ds (the kernel can round them to bf16 for its dot) and the second term is
+       a small correction; for any finite d0 the result is the same.
+    2. ds = p (dp - delta) with the exact delta, for dk, dv and dbias.
+    """
     bm, bn = block_m or BLOCK_M, block_n or BLOCK_N
     pb = _Problem(q, k, v, bias, mask, seed, spec)
     z, hkv, rep = pb.shape5
     acc = pb.acc
+    zero = torch.zeros((), device=q.device, dtype=acc)
     do5 = dout.unflatten(1, (hkv, rep)).to(acc)
     m5 = stats[0].unflatten(1, (hkv, rep)).to(acc)
     logl5 = stats[1].unflatten(1, (hkv, rep)).to(acc)
-    delta = (do5 * out.unflatten(1, (hkv, rep)).to(acc)).sum(-1)  # D_i = rowsum(dO * O)
+    shift = (do5 * out.unflatten(1, (hkv, rep)).to(acc)).sum(-1)  # d0 = rowsum(dO * O), delta up to rounding
     dq = torch.zeros(z, hkv, rep, pb.m, q.shape[-1], device=q.device, dtype=acc)
     dk = torch.zeros(z, hkv, pb.n, k.shape[-1], device=q.device, dtype=acc)
     dv = torch.zeros(z, hkv, pb.n, pb.dv, device=q.device, dtype=acc)
     dbias5 = None
     if bias_grad:
         dbias5 = torch.zeros(pb.bias5.shape, device=q.device, dtype=acc)
+
+    def tile(qi, doi, m_i, logl_i, i0, i1, j0, j1):
+        """p, p * dropout scale, dp (the gradient of p), the mask's keep or None, and tanh(s/softcap) or None."""
+        s, t = pb.scores(qi, i0, i1, j0, j1)
+        p = torch.exp((s - m_i) - logl_i)
+        if spec.safe_softmax:  # rows masked everywhere output 0 and pass no gradient, as eager's _safe_softmax
+            p = torch.where(m_i == float("-inf"), zero, p)
+        dp = torch.matmul(doi, pb.v5[..., j0:j1, :].to(acc).transpose(-1, -2))
+        drop = pb.dropout_scale(i0, i1, j0, j1)
+        pd = p
+        if drop is not None:
+            pd, dp = p * drop, dp * drop
+        keep = None
+        if pb.mask5 is not None:  # filled positions are constants: no gradient flows through them
+            mk = _narrow(_narrow(pb.mask5, -2, i0, i1), -1, j0, j1)
+            keep = mk if spec.mask_keep else ~mk
+        return p, pd, dp, keep, t
+
     for i0 in range(0, pb.m, bm):
         i1 = min(pb.m, i0 + bm)
         qi = pb.q5[..., i0:i1, :].to(acc)
         doi = do5[..., i0:i1, :]
-        m_i = m5[..., i0:i1, None]
-        logl_i = logl5[..., i0:i1, None]
+        rows = (qi, doi, m5[..., i0:i1, None], logl5[..., i0:i1, None])
+        shift_i = shift[..., i0:i1, None]
+        delta_i = torch.zeros_like(shift_i)
+        dq_shift = torch.zeros_like(qi)  # sum_j w (dp - d0) k_j
+        dq_corr = torch.zeros_like(qi)  # sum_j w k_j
         for j0 in range(0, pb.key_stop(i1), bn):
             j1 = min(pb.n, j0 + bn)
-            s, t = pb.scores(qi, i0, i1, j0, j1)
-            p = torch.exp((s - m_i) - logl_i)
-            if spec.safe_softmax:  # rows masked everywhere output 0 and pass no gradient, as eager's _safe_softmax
-                p = torch.where(m_i == float("-inf"), torch.zeros((), dtype=acc, device=p.device), p)
-            vj = pb.v5[..., j0:j1, :].to(acc)
-            drop = pb.dropout_scale(i0, i1, j0, j1)
-            pd = p if drop is None else p * drop
+            p, _, dp, keep, t = tile(*rows, i0, i1, j0, j1)
+            delta_i = delta_i + (p * dp).sum(-1, keepdim=True)
+            w = p if keep is None else torch.where(keep, p, zero)
+            if t is not None:
+                w = w * (1 - t * t)
+            kj = pb.k5[..., j0:j1, :].to(acc)
+            dq_shift += torch.matmul(w * (dp - shift_i), kj)
+            dq_corr += torch.matmul(w, kj)
+        dq[..., i0:i1, :] = (dq_shift - (delta_i - shift_i) * dq_corr) * spec.scale
+        for j0 in range(0, pb.key_stop(i1), bn):
+            j1 = min(pb.n, j0 + bn)
+            p, pd, dp, keep, t = tile(*rows, i0, i1, j0, j1)
             dv[..., j0:j1, :] += torch.matmul(pd.transpose(-1, -2), doi).sum(2)
-            dp = torch.matmul(doi, vj.transpose(-1, -2))
-            if drop is not None:
-                dp = dp * drop
-            ds = p * (dp - delta[..., i0:i1, None])
-            if pb.mask5 is not None:  # filled positions are constants: no gradient flows through them
-                mk = _narrow(_narrow(pb.mask5, -2, i0, i1), -1, j0, j1)
-                ds = torch.where(mk if spec.mask_keep else ~mk, ds, torch.zeros((), device=ds.device, dtype=acc))
+            ds = p * (dp - delta_i)
+            if keep is not None:
+                ds = torch.where(keep, ds, zero)
             if dbias5 is not None:
                 g = _reduce_to(ds, _narrow(_narrow(dbias5, -2, i0, i1), -1, j0, j1).shape)
                 _narrow(_narrow(dbias5, -2, i0, i1), -1, j0, j1).add_(g)
             if t is not None:
                 ds = ds * (1 - t * t)
             ds = ds * spec.scale
-            dq[..., i0:i1, :] += torch.matmul(ds, pb.k5[..., j0:j1, :].to(acc))
             dk[..., j0:j1, :] += torch.matmul(ds.transpose(-1, -2), qi).sum(2)
     dbias = None
     if dbias5 is not None:
