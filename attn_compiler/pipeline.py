@@ -11,14 +11,14 @@ import sympy
 import torch
 import torch.fx as fx
 
-from attn_compiler import analysis, plan as plan_mod
+from attn_compiler import analysis, cache, plan as plan_mod
 from attn_compiler import options as options_mod
 from attn_compiler import ops  # noqa: F401  (registers torch.ops.memattn.*)
 from attn_compiler.layout import is_layout_op, val
 from attn_compiler.lower import graph_fake_mode, lower, placeholders_fake
 from attn_compiler.match import find_candidates
 from attn_compiler.report import GraphReport, Report
-from attn_compiler.rewrite import emit, nbytes_expr
+from attn_compiler.rewrite import emit
 from attn_compiler.site import Reject, Site, user_location
 
 log = logging.getLogger("attn_compiler")
@@ -43,13 +43,9 @@ def _scores_bytes(chain) -> sympy.Expr:
         if is_layout_op(node) and node.target is not torch.ops.aten.clone.default:
             continue
         v = val(node)
-        if isinstance(v, torch.Tensor):
-            total += nbytes_expr(node)
-        elif isinstance(v, (tuple, list)):
-            for part in v:
-                if isinstance(part, torch.Tensor):
-                    from attn_compiler.rewrite import size_expr
-                    total += sympy.Mul(*[size_expr(s) for s in part.shape], part.element_size())
+        for part in (v if isinstance(v, (tuple, list)) else [v]):
+            if isinstance(part, torch.Tensor):
+                total += cache.tensor_bytes(part)
     return sympy.simplify(total)
 
 
@@ -90,6 +86,7 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
         site.shapes = _shapes(plan)
         try:
             site.scores_bytes = _scores_bytes(plan.chain)
+            cache_info = cache.cache_pattern(plan.k.base, plan.v.base, plan.qk)  # before emit erases the chain
             att = emit(plan, fake_mode, opts.kernels)
             site.flags = {"scale": att.args[6], "softcap": att.args[7], **site.flags}
         except Reject as e:
@@ -99,7 +96,8 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
             site.reason = f"internal error while rewriting ({type(e).__name__}: {e}); left alone"
             continue
         site.status = "rewritten"
-        site.kernel = "prefill"
+        site.kernel = cache.kernel_kind(val(att.args[0]).shape[2], plan.st.dropout_p)
+        site.cache, site.cache_copy_bytes = cache_info
         site.nodes = [n.name for n in plan.chain]
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -54,6 +54,22 @@ def _fmt_bytes(expr) -> str:
     return f"{sympy.factor(expr)} B"
 
 
+def graph_hints(g) -> dict:
+    """Example value of every shape symbol of a graph (from its memory analysis; empty when that failed)."""
+    hints = {}
+    for mem in (g.memory_before, g.memory_after):
+        if mem is not None:
+            hints.update(mem.peak.hints)
+    return hints
+
+
+def value_at(expr, hints: dict) -> Optional[int]:
+    expr = sympy.sympify(expr)
+    by_name = {str(k): v for k, v in hints.items()}
+    out = expr.xreplace({s: sympy.Integer(by_name[str(s)]) for s in expr.free_symbols if str(s) in by_name})
+    return int(out) if out.is_number else None
+
+
 class Report:
     """One compilation (one Dynamo graph) of the memattn backend."""
 
@@ -149,6 +165,15 @@ class Report:
                 out.append(f"  site {s.index} left: {s.reason}")
             if s.flags:
                 out.append(f"  site {s.index} flags: " + ", ".join(f"{k}={v}" for k, v in s.flags.items()))
+            if s.cache == "concat":
+                g = next((g for g in self.graphs if g.index == s.graph_index), None)
+                n = value_at(s.cache_copy_bytes, graph_hints(g)) if g is not None else None
+                out.append(f"  site {s.index} cache: concat (torch.cat of past and new K/V) copies "
+                           f"{_fmt_bytes(s.cache_copy_bytes)} per step"
+                           + (f" = {_fmt_bytes(n)} at the example sizes" if n is not None else "")
+                           + "; a static cache written in place avoids the copy")
+            elif s.cache:
+                out.append(f"  site {s.index} cache: {s.cache} (written before the QK^T matmul, no copy)")
         return "\n".join(out)
 
     def diff(self) -> str:

@@ -15,6 +15,7 @@ from typing import Optional
 import sympy
 
 from attn_compiler.analysis import CAVEATS, fmt_bytes
+from attn_compiler.report import graph_hints, value_at
 
 log = logging.getLogger("attn_compiler")
 esc = html.escape
@@ -27,22 +28,6 @@ def formula(expr) -> str:
     """How a byte formula is written on the page: factored sympy text (sympify reads it back)."""
     expr = sympy.sympify(expr)
     return str(expr) if expr.is_number else str(sympy.factor(expr))
-
-
-def graph_hints(g) -> dict:
-    """Example value of every shape symbol of a graph (from its memory analysis; empty when that failed)."""
-    hints = {}
-    for mem in (g.memory_before, g.memory_after):
-        if mem is not None:
-            hints.update(mem.peak.hints)
-    return hints
-
-
-def value_at(expr, hints: dict) -> Optional[int]:
-    expr = sympy.sympify(expr)
-    by_name = {str(k): v for k, v in hints.items()}
-    out = expr.xreplace({s: sympy.Integer(by_name[str(s)]) for s in expr.free_symbols if str(s) in by_name})
-    return int(out) if out.is_number else None
 
 
 def _peak_at(b, hints=None) -> Optional[int]:
@@ -211,6 +196,13 @@ def _shapes(site) -> str:
                        f"</code>" for k, v in site.shapes.items())
 
 
+def _cache_note(s, hints) -> str:
+    if s.cache == "concat":
+        return (f'<br><span class="cache">concat cache: copies <span class="formula">{esc(formula(s.cache_copy_bytes))}'
+                f'</span> B = {esc(_fmt(value_at(s.cache_copy_bytes, hints)))} per step</span>')
+    return f'<br><span class="cache">{esc(s.cache)} cache</span>' if s.cache else ""
+
+
 def _site_rows(g) -> str:
     hints = graph_hints(g)
     rows = []
@@ -224,7 +216,7 @@ def _site_rows(g) -> str:
             f'<td class="loc">{esc(s.location)}{src}</td><td>{esc(s.pattern or "-")}</td>'
             f'<td class="shapes">{_shapes(s)}</td>'
             f'<td class="formula">{esc(f)}</td><td class="value">{esc(_fmt(v))}</td>'
-            f'<td>{esc(s.kernel or "-")}</td><td class="reason">{esc(s.reason or "")}</td></tr>')
+            f'<td>{esc(s.kernel or "-")}{_cache_note(s, hints)}</td><td class="reason">{esc(s.reason or "")}</td></tr>')
     if not rows:
         rows.append('<tr><td colspan="9" class="none">no attention site in this graph</td></tr>')
     return "".join(rows)

@@ -16,7 +16,7 @@ class Reject(Exception):
 class Site:
     index: int
     status: str = "left"                 # "rewritten" | "left"
-    kernel: Optional[str] = None         # "prefill" | "decode" | None
+    kernel: Optional[str] = None         # "prefill" | "decode" | "prefill/decode" (by query length) | None
     reason: Optional[str] = None         # why it was left alone
     pattern: str = ""                    # families that matched, e.g. "matmul+scaled+masked(bool)+causal+dropout"
     location: str = "<unknown>"          # user's file:line of the softmax
@@ -24,12 +24,15 @@ class Site:
     scores_bytes: Any = 0                # sympy expression: bytes of the n^2 tensors the rewrite removes
     shapes: dict = dataclasses.field(default_factory=dict)   # q/k/v/out shapes with symbols, as strings
     flags: dict = dataclasses.field(default_factory=dict)    # scale, causal, mask kind, dropout, gqa ratio, ...
+    cache: Optional[str] = None          # "concat" | "in-place" | None: where K/V come from (attn_compiler/cache.py)
+    cache_copy_bytes: Any = 0            # sympy: bytes a concat cache copies per step (0 otherwise)
     graph_index: int = 0
     nodes: list = dataclasses.field(default_factory=list)    # names of the graph nodes the site replaced
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["scores_bytes"] = str(self.scores_bytes)
+        d["cache_copy_bytes"] = str(self.cache_copy_bytes)
         return d
 
 

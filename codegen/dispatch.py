@@ -7,24 +7,30 @@ falls back to the reference, warns once per reason, and the failure is recorded 
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
 from . import reference
 
 KERNELS = ("auto", "triton", "reference")
+DECODE_MAX_Q = 16  # query rows up to which a call is a decode step (split-KV kernel, codegen/triton_decode.py)
 
 # reason -> count of calls that fell back; read by the report.
 fallbacks: dict[str, int] = {}
 _warned: set[str] = set()
 
 
-def _triton_module():
+def is_decode(m: int, dropout_p: float) -> bool:
+    """A call with at most DECODE_MAX_Q query rows and no dropout is a decode step: split-KV kernel."""
+    return m <= DECODE_MAX_Q and dropout_p == 0
+
+
+def _triton_module(name: str):
     try:
-        from . import triton_prefill  # noqa: F401  (lands with the Triton kernel issue)
+        return importlib.import_module(f".{name}", __package__)
     except ImportError:
         return None
-    return triton_prefill
 
 
 def _wants_triton(q, kernel: str) -> bool:
@@ -44,9 +50,9 @@ def _fallback(reason: str) -> None:
                       "implementation for this call", RuntimeWarning, stacklevel=3)
 
 
-def _run(kind: str, kernel: str, q, args, ref_fn):
+def _run(kind: str, kernel: str, q, args, ref_fn, module: str = "triton_prefill"):
     if _wants_triton(q, kernel):
-        mod = _triton_module()
+        mod = _triton_module(module)
         if mod is None:
             _fallback("the Triton kernel module is not available")
         else:
@@ -62,7 +68,8 @@ def _run(kind: str, kernel: str, q, args, ref_fn):
 
 
 def forward(q, k, v, bias, mask, seed, spec, kernel: str):
-    return _run("forward", kernel, q, (q, k, v, bias, mask, seed, spec), reference.attention_forward)
+    module = "triton_decode" if is_decode(q.shape[2], spec.dropout_p) else "triton_prefill"
+    return _run("forward", kernel, q, (q, k, v, bias, mask, seed, spec), reference.attention_forward, module)
 
 
 def backward(dout, q, k, v, out, stats, bias, mask, seed, spec, kernel: str, bias_grad: bool):

@@ -260,7 +260,7 @@ def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeyp
 
     broken = types.SimpleNamespace(supports=lambda *a: (True, ""),
                                    forward=lambda *a: (_ for _ in ()).throw(RuntimeError("injected compile error")))
-    monkeypatch.setattr(dispatch, "_triton_module", lambda: broken)
+    monkeypatch.setattr(dispatch, "_triton_module", lambda name: broken)
     monkeypatch.setattr(dispatch, "_wants_triton", lambda q, kernel: True)
     monkeypatch.setattr(dispatch, "fallbacks", {})
     monkeypatch.setattr(dispatch, "_warned", set())

@@ -1,0 +1,239 @@
+"""Split-KV (flash-decoding) Triton kernels for cached decode: a few query rows against a long K/V cache.
+
+Same semantics as ``codegen/reference.py`` and the prefill kernels (``codegen/triton_prefill.py``; this file reuses
+its tile helpers, so a decode step computes each score exactly as prefill does). dispatch.py routes a call here
+when the query length is at most ``DECODE_MAX_Q`` and there is no dropout.
+
+Why another kernel: with M = 1 the prefill grid has one program per (z, h) and each walks the whole cache alone, a
+few dozen programs on a 132-SM GPU; and GQA heads each re-read their KV head. Here:
+
+    _decode_split    grid (splits, z * hkv, row blocks). A program owns one KV head and one chunk of the cache and
+                     handles the rows of *all* query heads of that head's group at once (R = G * M rows: G = H / Hkv
+                     query heads times M query positions, padded to BLOCK_R >= 16 for tl.dot). The cache is read
+                     once per group, never repeated. Online softmax over the chunk's key tiles; writes the
+                     partial (acc [R, Dv], row max m, row sum l) in fp32 to a workspace.
+    _decode_combine  grid (z * hkv, row blocks). Rescales the splits' partials to the global row max and sums:
+                     out = sum_s acc_s * e^(m_s - m) / sum_s l_s * e^(m_s - m). A split with no keys (past the
+                     cache length, above the causal diagonal, or masked everywhere with -inf) has m_s = -inf and
+                     contributes exactly 0 (the global max is made finite first: no -inf - -inf). A row with no
+                     key anywhere gives 0 / 0 = NaN as eager's softmax does (0 with SAFE_SOFTMAX); its stats are
+                     those of prefill, so the backward (prefill's) is unchanged.
+
+The number of splits is chosen on the host from batch, KV heads, row blocks, cache length and the SM count: enough
+programs for a few waves, never a chunk shorter than one key tile (chunks are multiples of ``CHUNK_ALIGN`` so that
+every autotuned BLOCK_N divides them).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_prefill as tp
+from .dispatch import DECODE_MAX_Q
+from .reference import Spec
+
+CHUNK_ALIGN = 128        # chunk lengths are multiples of this (the largest BLOCK_N)
+_MAX_ROWS = 64           # query rows (G * M) per program; more rows take another row block
+_MAX_SPLITS = 256
+_WAVES = 4               # aim for this many programs per SM
+
+
+@triton.jit
+def _decode_split(Q, K, V, Bias, Mask, Acc, ML,
+                  stride_qz, stride_qh, stride_qm, stride_qd,
+                  stride_kz, stride_kh, stride_kn, stride_kd,
+                  stride_vz, stride_vh, stride_vn, stride_vd,
+                  stride_bz, stride_bh, stride_bm, stride_bn,
+                  stride_mz, stride_mh, stride_mm, stride_mn,
+                  HKV, G, M, N, D, DV, R, CHUNK, SPLITS, ROWS_PAD,
+                  qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr,
+                  SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, BUCKET_N,
+                  BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_R >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
+    pid_s = tl.program_id(0)
+    pid_zk = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    off_z = (pid_zk // HKV).to(tl.int64)
+    off_hk = (pid_zk % HKV).to(tl.int64)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)    # row r of the group: query head hk * G + r // M, position r % M
+    valid = r < R
+    off_h = off_hk * G + (r // M).to(tl.int64)
+    rows = tl.where(valid, r % M, M)               # padded rows get position M: every bound check drops them
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + off_z * stride_qz + off_h[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + off_z * stride_kz + off_hk * stride_kh
+    v_base = V + off_z * stride_vz + off_hk * stride_vh
+    bias_base = Bias + off_z * stride_bz + off_h[:, None] * stride_bh   # per-row heads: a [BLOCK_R, 1] pointer
+    mask_base = Mask + off_z * stride_mz + off_h[:, None] * stride_mh
+
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    if IS_CAUSAL:  # keys past the last row's diagonal are masked for every row
+        hi = tl.minimum(hi, tl.maximum(M + causal_offset, 0))
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = tp._fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rows, rows, offs_n,
+                                  offs_d, offs_dv, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                  softcap_out, fill2, causal_offset, 0.0, 1.0,
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, False, EVEN_N, EVEN_D, EVEN_DV, IS_CAUSAL, HAS_BIAS,
+                                  HAS_MASK, MASK_KEEP, False, SOFTCAP, NATURAL, DOT_PREC)
+    # workspace rows: ((zk * SPLITS + s) * ROWS_PAD + r); every program writes all its rows, empty splits included
+    ws_row = (pid_zk.to(tl.int64) * SPLITS + pid_s) * ROWS_PAD + r
+    a_ptrs = Acc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :]
+    tl.store(a_ptrs, acc, mask=valid[:, None])
+    tl.store(ML + 2 * ws_row, m_i, mask=valid)
+    tl.store(ML + 2 * ws_row + 1, l_i, mask=valid)
+
+
+@triton.jit
+def _decode_combine(Acc, ML, Out, Stats,
+                    stride_oz, stride_oh, stride_om, stride_od,
+                    HKV, G, M, DV, R, SPLITS, ROWS_PAD, ZHM,
+                    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
+                    NATURAL: tl.constexpr):
+    pid_zk = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    off_z = (pid_zk // HKV).to(tl.int64)
+    off_hk = (pid_zk % HKV).to(tl.int64)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    valid = r < R
+    off_h = off_hk * G + (r // M).to(tl.int64)
+    rows = r % M
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base = pid_zk.to(tl.int64) * SPLITS * ROWS_PAD + r
+
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(ML + 2 * (base + s * ROWS_PAD), mask=valid, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        ws = base + s * ROWS_PAD
+        m_s = tl.load(ML + 2 * ws, mask=valid, other=float("-inf"))
+        w = tp._exp_diff(m_s, m_safe, NATURAL)
+        l += tl.load(ML + 2 * ws + 1, mask=valid, other=0.0) * w
+        acc += tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=valid[:, None], other=0.0) * w[:, None]
+    o = acc / l[:, None]  # l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives
+    if SAFE_SOFTMAX:
+        o = tl.where((l == 0.0)[:, None], 0.0, o)
+    if NATURAL:
+        m_nat = m
+    else:
+        m_nat = m * 0.6931471805599453
+    logl = tl.log2(l) * 0.6931471805599453
+    o_ptrs = Out + off_z * stride_oz + off_h[:, None] * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < DV))
+    st = (off_z * (HKV * G) + off_h) * M + rows   # stats [2, Z, H, M]
+    tl.store(Stats + st, m_nat, mask=valid)
+    tl.store(Stats + ZHM + st, logl, mask=valid)
+
+
+def _cfg(bn, w, s):
+    return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+_SPLIT_CONFIGS = [_cfg(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def _prune_split(configs, named_args, **kwargs):
+    d = max(tp._arg(named_args, kwargs, "BLOCK_D"), tp._arg(named_args, kwargs, "BLOCK_DV"))
+
+    def keep(c):
+        bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        if d <= 64:
+            return bn in (64, 128) and w == 4 and s in (3, 4)
+        if d <= 128:
+            return bn in (64, 128) and w in (4, 8) and s in (2, 3)
+        return bn in (32, 64) and w in (4, 8) and s == 2
+    return [c for c in configs if keep(c)] or [_cfg(64, 4, 2)]
+
+
+_decode_split_tuned = triton.autotune(
+    _SPLIT_CONFIGS, key=["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK",
+                         "SOFTCAP"],
+    prune_configs_by={"early_config_prune": _prune_split})(_decode_split)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so tests cross chunk edges
+
+
+def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN) -> tuple[int, int]:
+    """(splits, chunk): enough programs for ``_WAVES`` per SM, chunks a multiple of ``align`` (so no key tile
+    straddles two chunks), never a chunk past the cache's end."""
+    max_splits = max(1, triton.cdiv(n, align))
+    splits = min(max_splits, _MAX_SPLITS, max(1, triton.cdiv(_WAVES * sms, max(programs, 1))))
+    chunk = triton.cdiv(triton.cdiv(n, splits), align) * align
+    return triton.cdiv(n, chunk), chunk
+
+
+def supports(*args):
+    """(ok, reason) for ``forward``'s 7 arguments: prefill's conditions, plus those of a decode step."""
+    ok, reason = tp.supports(*args)
+    if not ok:
+        return ok, reason
+    q, k, _v, _bias, _mask, _seed, spec = args
+    if q.shape[2] > DECODE_MAX_Q:
+        return False, f"{q.shape[2]} query rows is not a decode step (at most {DECODE_MAX_Q})"
+    if spec.dropout_p > 0:
+        return False, "dropout in a decode step (the prefill kernel implements it)"
+    if q.shape[0] * k.shape[1] > tp._MAX_GRID_Y:
+        return False, f"batch * kv heads = {q.shape[0] * k.shape[1]} exceeds the grid limit {tp._MAX_GRID_Y}"
+    return True, ""
+
+
+def forward(q, k, v, bias, mask, seed, spec: Spec):
+    """Returns (out [Z, H, M, Dv] in v.dtype, contiguous; stats [2, Z, H, M] fp32) like triton_prefill.forward."""
+    c = tp._common(q, k, v, bias, mask, seed, spec)
+    z, h, m, n, hkv, dv = c["z"], c["h"], c["m"], c["n"], c["hkv"], c["dv"]
+    out = torch.empty((z, h, m, dv), dtype=v.dtype, device=q.device)
+    stats = torch.empty((2, z, h, m), dtype=torch.float32, device=q.device)
+    if m == 0 or z * h == 0:
+        return out, stats
+    if n == 0:
+        return out.zero_(), stats.fill_(float("-inf"))
+    g = h // hkv
+    rows = g * m
+    block_r = min(_MAX_ROWS, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_r)
+    fixed = tp._fixed_config()
+    align = CHUNK_ALIGN if fixed is None else fixed["BLOCK_N"]
+    splits, chunk = num_splits(z * hkv * row_blocks, n, _sm_count(q.device), align)
+    rows_pad = row_blocks * block_r
+    block_dv = c["flags"]["BLOCK_DV"]
+    acc = torch.empty((z * hkv, splits, rows_pad, block_dv), dtype=torch.float32, device=q.device)
+    ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
+    flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
+                                           "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC")}
+    scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
+    args = (q, k, v, c["b4"], c["m4"], acc, ml,
+            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"],
+            hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad)
+    grid = (splits, z * hkv, row_blocks)
+    if fixed is None:
+        _decode_split_tuned[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0,
+                                  BUCKET_N=tp._bucket(n))
+    else:
+        bn = fixed["BLOCK_N"]
+        _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, BUCKET_N=tp._bucket(n),
+                            BLOCK_N=bn, num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])
+    _decode_combine[(z * hkv, row_blocks)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits,
+                                           rows_pad, z * h * m, BLOCK_R=block_r, BLOCK_DV=block_dv,
+                                           SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"], NATURAL=c["flags"]["NATURAL"])
+    return out, stats
