@@ -179,7 +179,9 @@ def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN) -> tup
     straddles two chunks), never a chunk past the cache's end."""
     max_splits = max(1, triton.cdiv(n, align))
     splits = min(max_splits, _MAX_SPLITS, max(1, triton.cdiv(_WAVES * sms, max(programs, 1))))
-    chunk = triton.cdiv(triton.cdiv(n, splits), align) * align
+    chunk = max(align, triton.cdiv(n, splits) // align * align)  # rounded down: at least the splits asked for
+    if triton.cdiv(n, chunk) > _MAX_SPLITS:
+        chunk = triton.cdiv(triton.cdiv(n, _MAX_SPLITS), align) * align
     return triton.cdiv(n, chunk), chunk
 
 

@@ -1,0 +1,320 @@
+"""Cached decode (issue 4): the split-KV kernel (codegen/triton_decode.py) against the fp64 reference, its dispatch,
+and decode sites in real generation loops (HF transformers dynamic and static caches, a gpt-fast-style loop).
+
+The kernel tests run on CUDA in this process, or on a CPU-only machine under TRITON_INTERPRET=1 in a child pytest
+(see tests/test_triton_prefill.py for why the variable cannot be set in this process). The interpreter's SM count
+is 4 and its key tiles are 16 wide, so tiny caches are still split into several chunks, with ragged last chunks and
+chunks left empty by the causal bound. The model tests run in this process on any machine (the reference path on
+the CPU, the decode kernel on CUDA).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import sympy
+import torch
+
+import attn_compiler
+from attn_compiler.codegen import dispatch, reference
+from attn_compiler.codegen.reference import Spec
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+kernel_test = pytest.mark.skipif(not IN_PROCESS, reason="no CUDA: runs under TRITON_INTERPRET=1 in "
+                                                        "test_kernels_interpreted_in_subprocess")
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# dtype -> (K, floor): kernel error vs the fp64 truth <= K x eager's error in the same dtype + floor (relative)
+BUDGET = {F32: (4.0, 2e-5), F16: (2.0, 1e-4), BF16: (2.0, 1e-3)}
+
+
+def test_kernels_interpreted_in_subprocess():
+    if IN_PROCESS:
+        pytest.skip("kernels run in this process")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"interpreted run failed:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
+
+
+def spec(**kw) -> Spec:
+    base = dict(scale=0.125, softcap=0.0, causal=False, causal_offset=0, mask_fill=float("-inf"), mask_keep=True,
+                dropout_p=0.0, safe_softmax=False)
+    return Spec(**{**base, **kw})
+
+
+def eager(q, k, v, bias, mask, sp: Spec):
+    """The attention as eager torch in q's dtype, K/V repeated per query head (tiny shapes only)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * sp.scale
+    if sp.softcap:
+        s = sp.softcap * torch.tanh(s / sp.softcap)
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask if sp.mask_keep else mask, sp.mask_fill)
+    if sp.causal:
+        m, n = s.shape[-2:]
+        cols = torch.arange(n, device=s.device)
+        s = s.masked_fill(cols > torch.arange(m, device=s.device)[:, None] + sp.causal_offset, float("-inf"))
+    p = torch.softmax(s.float(), -1).to(q.dtype)
+    if sp.safe_softmax:
+        p = torch.where((s == float("-inf")).all(-1, keepdim=True), 0.0, p)
+    return p @ v
+
+
+def rel_err(got, want) -> float:
+    got, want = got.double(), want.double()
+    assert torch.equal(got.isnan(), want.isnan()), "NaN pattern differs"
+    fin = torch.isfinite(want)
+    return ((got - want)[fin].norm() / (want[fin].norm() + 1e-30)).item()
+
+
+def run_case(z, h, hkv, m, n, d, dtype=F32, *, bias=None, mask=None, layout="bhsd", sp=None, cache_len=None):
+    """Decode kernel vs the fp64 reference and eager; K/V are views of a larger cache buffer when cache_len."""
+    from attn_compiler.codegen import triton_decode, triton_prefill
+    sp = sp or spec()
+    g = torch.Generator().manual_seed(z * 1000 + h * 100 + m * 10 + n)
+    q = torch.randn(z, h, m, d, generator=g)
+    total = cache_len or n
+    if layout == "bshd":  # heads after the sequence axis: non-contiguous views in the op's [Z, H, N, D] order
+        kb, vb = (torch.randn(z, total, hkv, d, generator=g).transpose(1, 2) for _ in range(2))
+    else:
+        kb, vb = (torch.randn(z, hkv, total, d, generator=g) for _ in range(2))
+    k, v = kb[:, :, :n], vb[:, :, :n]
+    dev = lambda t, dt=dtype: None if t is None else t.to(DEV, dt if t.dtype.is_floating_point else t.dtype)
+    truth, _ = reference.attention_forward(q.double(), k.double(), v.double(),
+                                                None if bias is None else bias.double(), mask, None, sp)
+    want = eager(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), sp)
+    with triton_prefill.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
+        ok, why = triton_decode.supports(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
+        assert ok, why
+        out, stats = triton_decode.forward(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
+    assert out.shape == (z, h, m, d) and out.dtype == dtype and out.is_contiguous()
+    kmul, floor = BUDGET[dtype]
+    err, base = rel_err(out.cpu(), truth), rel_err(want.cpu(), truth)
+    assert err <= kmul * base + floor, f"decode kernel error {err:.3g} vs eager's {base:.3g} ({dtype})"
+    # stats (row max, log row sum) from the same rounded inputs in fp64: only the kernel's fp32 arithmetic differs
+    _, tstats = reference.attention_forward(*(t.to(dtype).double() for t in (q, k, v)),
+                                            None if bias is None else bias.double(), mask, None, sp)
+    fin = torch.isfinite(tstats)
+    assert torch.equal(fin, torch.isfinite(stats.cpu())), "stats: inf pattern differs"
+    torch.testing.assert_close(stats.cpu().double()[fin], tstats[fin], atol=1e-4, rtol=1e-4)
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@kernel_test
+@pytest.mark.parametrize("z,h,hkv,m,n", [
+    (2, 4, 4, 1, 77),     # no GQA, a ragged last chunk
+    (1, 8, 2, 1, 100),    # GQA 4
+    (2, 16, 2, 2, 45),    # GQA 8, two query positions: 16 rows per program
+    (1, 8, 1, 1, 50),     # MQA
+    (1, 16, 1, 5, 40),    # 80 rows: two row blocks of the group
+], ids=["mha", "gqa4", "gqa8_m2", "mqa", "rowblocks"])
+def test_kernel_gqa_ratios(z, h, hkv, m, n):
+    run_case(z, h, hkv, m, n, 32)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+def test_kernel_head_dims_and_dtypes(dtype, d):
+    run_case(1, 4, 2, 1, 33, d, dtype)
+
+
+@kernel_test
+def test_kernel_batch_of_different_lengths_via_mask():
+    """Each batch row has its own valid cache length (padding of a static cache): a bool key mask [Z, 1, 1, N]."""
+    lengths = torch.tensor([5, 63, 30])
+    mask = (torch.arange(64)[None, :] < lengths[:, None])[:, None, None, :]
+    out = run_case(3, 4, 2, 1, 64, 32, BF16, mask=mask, cache_len=96)
+    assert torch.isfinite(out).all()
+
+
+@kernel_test
+def test_kernel_additive_position_mask_and_bshd_cache():
+    """HF's static-cache mask: finfo.min added past each row's position; K/V cache stored [Z, N, Hkv, D]."""
+    lengths = torch.tensor([9, 40])
+    bias = torch.where(torch.arange(48)[None, :] < lengths[:, None], 0.0, torch.finfo(torch.float32).min)
+    run_case(2, 8, 2, 1, 48, 64, F32, bias=bias[:, None, None, :], layout="bshd", cache_len=64)
+
+
+@kernel_test
+def test_kernel_causal_with_empty_chunks():
+    """q_len 3 at positions 10..12 of a 64-key cache: keys past 12 are masked for every row, so the chunks after
+    the first are empty (m = -inf, l = 0) and must contribute exactly nothing."""
+    run_case(1, 4, 2, 3, 64, 16, sp=spec(causal=True, causal_offset=10))
+    run_case(1, 4, 2, 3, 50, 16, sp=spec(causal=True, causal_offset=47))  # bottom-right aligned
+
+
+@kernel_test
+def test_kernel_softcap():
+    run_case(2, 4, 2, 1, 40, 16, sp=spec(softcap=2.0, scale=0.5))
+
+
+@kernel_test
+@pytest.mark.parametrize("fill,safe", [(float("-inf"), False), (-1e30, False), (float("-inf"), True)],
+                         ids=["neg_inf_nan", "finite_fill_uniform", "safe_softmax_zero"])
+def test_kernel_fully_masked_rows(fill, safe):
+    """A batch row whose keys are all masked: NaN with a -inf fill (eager's softmax), the uniform average with a
+    finite fill, 0 with _safe_softmax. The other rows are unaffected."""
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1] = False
+    out = run_case(2, 4, 2, 1, 40, 16, mask=mask, sp=spec(mask_fill=fill, safe_softmax=safe))
+    assert torch.isfinite(out[0]).all()
+    if fill == float("-inf") and not safe:
+        assert out[1].isnan().all()
+    elif safe:
+        assert (out[1] == 0).all()
+
+
+@kernel_test
+def test_kernel_stats_feed_the_prefill_backward():
+    """A decode call's stats drive the (prefill) backward: gradients through the op equal the reference's."""
+    from attn_compiler.codegen import triton_prefill
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, s, 16, generator=g, dtype=torch.float64).to(DEV, F32) for s in (1, 37, 37))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with triton_prefill.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
+        out, _ = torch.ops.memattn.attention(q, k, v, None, None, None, 0.25, 0.0, False, 0, float("-inf"), True,
+                                             0.0, False, "triton")
+        out.sum().backward()
+    qd, kd, vd = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    want = eager(qd, kd, vd, None, None, spec(scale=0.25))
+    want.sum().backward()
+    for got, ref in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        torch.testing.assert_close(got.cpu().double(), ref, atol=1e-5, rtol=1e-4)
+
+
+@kernel_test
+def test_kernel_dispatch_routes_by_query_length(monkeypatch):
+    """kernel="triton": <= 16 query rows without dropout run the decode kernel, longer or with dropout prefill."""
+    from attn_compiler.codegen import triton_decode, triton_prefill
+    calls = []
+    for mod, name in ((triton_decode, "decode"), (triton_prefill, "prefill")):
+        real = mod.forward
+        monkeypatch.setattr(mod, "forward", lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    k = torch.randn(1, 2, 20, 16, device=DEV)
+    with triton_prefill.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
+        for m, p in ((1, 0.0), (16, 0.0), (17, 0.0), (1, 0.5)):
+            q = torch.randn(1, 2, m, 16, device=DEV)
+            seed = torch.tensor(3) if p else None
+            torch.ops.memattn.attention(q, k, k, None, None, seed, 0.25, 0.0, False, 0, float("-inf"), True, p,
+                                        False, "triton")
+    assert calls == ["decode", "decode", "prefill", "prefill"]
+
+
+def test_num_splits_fill_the_machine_and_cover_the_cache():
+    from attn_compiler.codegen import triton_decode as td
+    for programs, n, sms in ((8, 1024, 132), (8, 131072, 132), (512, 4096, 132), (1, 100, 132), (64, 16384, 132)):
+        splits, chunk = td.num_splits(programs, n, sms)
+        assert chunk % td.CHUNK_ALIGN == 0 and (splits - 1) * chunk < n <= splits * chunk
+        assert splits <= 256
+        assert programs * splits >= min(td._WAVES * sms, programs * min(256, -(-n // td.CHUNK_ALIGN)))
+
+
+# ---------------------------------------------------------------------------------------------- generation loops
+
+def _hf_model(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=128,
+                                       max_position_embeddings=64, attn_implementation="eager")
+        return transformers.LlamaForCausalLM(cfg).eval(), 2
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+                                  attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(cfg).eval(), 2
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_same_tokens_and_every_decode_site_rewritten(kind, cache):
+    """model.generate (greedy) compiled with memattn gives eager's tokens; every layer's decode-step site is
+    rewritten to the decode kernel; the report names the cache pattern (a concat cache with the bytes it copies
+    per step as a formula in the cache length)."""
+    model, layers = _hf_model(kind)
+    model.to(DEV)
+    ids = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1)).to(DEV)  # prefill > 16 rows
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        before = len(attn_compiler.reports())
+        model.forward = torch.compile(model.forward, backend="memattn")
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    reports = attn_compiler.reports()[before:]
+    assert reports, "nothing was compiled"
+    prefill, decode_steps = reports[0], reports[1:]  # the prompt's graph, then the one-token steps' graphs
+    assert all(s.status == "rewritten" and s.kernel == "prefill" for s in prefill.sites), prefill.table()
+    assert decode_steps, [r.table() for r in reports]
+    for r in decode_steps:
+        assert len(r.sites) == layers and all(s.status == "rewritten" and s.kernel == "decode" for s in r.sites), \
+            r.table()
+        for s in r.sites:
+            if cache == "static":
+                assert s.cache == "in-place" and s.cache_copy_bytes == 0, r.table()
+            else:
+                assert s.cache == "concat", r.table()
+                # K and V: [B, Hkv, N, D] each, fp32: the copy grows with the cache length N
+                b, hkv, n, d = (sympy.sympify(x.strip(" '")) for x in s.shapes["k"].strip("()").split(","))
+                got_bytes = sympy.sympify(str(s.cache_copy_bytes))  # same symbol names, plain assumptions
+                assert sympy.expand(got_bytes - 2 * b * hkv * n * d * 4) == 0, s.cache_copy_bytes
+                assert "copies" in r.table() and "per step" in r.table()
+    if cache == "dynamic":  # from the recompile that makes the cache length dynamic on, one graph serves all steps
+        assert any(sympy.sympify(str(s.cache_copy_bytes)).free_symbols for r in decode_steps for s in r.sites)
+
+
+def test_gpt_fast_decode_loop_static_cache():
+    """A gpt-fast-style loop: prefill, then one token at a time through a KV cache written in place
+    (``k_cache[:, :, pos] = k``). Decode steps are "decode" sites reading the cache in place."""
+    from test_hf_models import GPTFastAttention, Stack
+    torch.manual_seed(0)
+    model = Stack([GPTFastAttention(sdpa=False) for _ in range(2)]).eval()
+    ref = Stack([GPTFastAttention(sdpa=False) for _ in range(2)]).eval()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="memattn", fullgraph=True)
+    x = torch.randn(2, 24, 64)
+    before = len(attn_compiler.reports())
+    with torch.no_grad():
+        steps = [torch.arange(19)] + [torch.tensor([p]) for p in range(19, 24)]
+        for pos in steps:
+            torch.testing.assert_close(compiled(x[:, pos], pos), ref(x[:, pos], pos), atol=2e-5, rtol=1e-5)
+    reports = attn_compiler.reports()[before:]
+    decode = [s for r in reports for s in r.sites if s.kernel == "decode"]
+    prefill = [s for r in reports for s in r.sites if s.kernel == "prefill"]
+    assert len(prefill) == 2 and len(decode) >= 2, [r.table() for r in reports]
+    assert all(s.status == "rewritten" and s.cache == "in-place" for s in decode + prefill)
+
+
+def test_kernel_kind_from_symbolic_query_length():
+    """The report's kernel from the query length's bounds: static <= 16 decode, a symbolic length that may be
+    either prefill/decode (the dispatcher decides per call), a dropout site always prefill."""
+    from attn_compiler import cache
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    env = ShapeEnv()
+    s = env.create_unbacked_symint()
+    assert cache.kernel_kind(1, 0.0) == "decode" and cache.kernel_kind(16, 0.0) == "decode"
+    assert cache.kernel_kind(17, 0.0) == "prefill" and cache.kernel_kind(1, 0.1) == "prefill"
+    assert cache.kernel_kind(s, 0.0) == "prefill/decode"
+    torch._check(s <= 8)
+    torch._check(s >= 1)
+    assert cache.kernel_kind(s, 0.0) == "decode"
