@@ -255,12 +255,14 @@ def test_generate_same_tokens_and_every_decode_site_rewritten(kind, cache):
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     if cache == "static":
         kw["cache_implementation"] = "static"
+    dispatch.fallbacks.clear()
     with torch.no_grad():
         want = model.generate(ids, **kw)
         before = len(attn_compiler.reports())
         model.forward = torch.compile(model.forward, backend="memattn")
         got = model.generate(ids, **kw)
     assert torch.equal(got, want)
+    assert not (CUDA and dispatch.fallbacks), f"the Triton kernels fell back: {dispatch.fallbacks}"
     reports = attn_compiler.reports()[before:]
     assert reports, "nothing was compiled"
     prefill, decode_steps = reports[0], reports[1:]  # the prompt's graph, then the one-token steps' graphs
