@@ -5,12 +5,22 @@ Same semantics as ``codegen/reference.py`` (read that first); this file is the f
 Kernels, in the order they run:
     _attn_fwd        one program per (query block, z*h): online softmax over key blocks, fp32 m_i / l_i / acc,
                      writes out and stats [2, Z, H, M] fp32 (row max, log row sum; natural units)
-    _attn_bwd_pre    delta_i = rowsum(dO * O) in fp32 (FA2 preprocess)
+    _attn_bwd_dq     one program per (query block, z*h): loops over key blocks, recomputes p, accumulates dq and
+                     delta_i = sum_j p_ij dp_ij exactly in fp32; writes dq and delta [Z, H, M] fp32
     _attn_bwd_dkdv   one program per (key block, z*hkv): loops over the GQA group's query heads and their query
-                     blocks, recomputes p^T from stats, accumulates dk, dv in fp32 (no atomics: the group is summed
-                     inside the program); adds ds into dbias with fp32 atomics when the bias needs a gradient
-    _attn_bwd_dq     one program per (query block, z*h): loops over key blocks, recomputes p, accumulates dq
+                     blocks, recomputes p^T from stats, ds with the dq kernel's delta, accumulates dk, dv in fp32
+                     (no atomics: the group is summed inside the program); adds ds into dbias with fp32 atomics
+                     when the bias needs a gradient
 Nothing of size M x N is ever written to memory.
+
+Why delta is summed in the dq kernel rather than taken as FA2's rowsum(dO * O): O is rounded to the input dtype,
+and when p is nearly one-hot ds = p (dp - delta) cancels, leaving that rounding (bf16: 2**-9 |dO.O|) in dq, dk and
+dbias, ~20x eager's error. The exact delta is only known after the key loop, so the dq kernel accumulates around
+the shift d0 = rowsum(dO * O), which it can compute up front (o and dO are one [BLOCK_M, BLOCK_DV] load each):
+    dq_i = scale * (sum_j w_ij (dp_ij - d0_i) k_j - (delta_i - d0_i) * sum_j w_ij k_j),  w = p * keep * (1 - t^2)
+(keep: the mask, t: the softcap tanh). d0 is delta up to rounding, so w (dp - d0) has the size of ds and can be
+rounded to the input dtype for tl.dot like ds always was; (delta - d0) is tiny, so the second dot needs no more
+precision either. The cost: one more [BLOCK_M, BLOCK_D] fp32 accumulator and one more dot per tile in the dq kernel.
 
 Kernel flags (tl.constexpr; every one is decided on the host from the call's tensors and Spec):
     BLOCK_M, BLOCK_N   query rows / key columns per tile (autotuned per shape bucket, or forced by tests)
@@ -173,7 +183,9 @@ def _row_stats(Stats, zh_m, ZHM, offs_m, M, EVEN_M: tl.constexpr, NATURAL: tl.co
         mrow = (m + logl) * 1.4426950408889634
         lrow = logl * 0.0
     if SAFE_SOFTMAX:  # rows masked everywhere have m = -inf; their p is 0 and so is their gradient
-        mrow = tl.where(mrow == float("-inf"), float("inf"), mrow)
+        dead = mrow == float("-inf")
+        mrow = tl.where(dead, float("inf"), mrow)
+        lrow = tl.where(dead, 0.0, lrow)  # log l = -inf too: NATURAL's p would be exp2(-inf + inf) = NaN
     return mrow, lrow
 
 
@@ -341,25 +353,6 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats,
 
 
 # ----------------------------------------------------------------------------------------------------- backward
-
-
-@triton.jit
-def _attn_bwd_pre(Out, DO, Delta,
-                  stride_oz, stride_oh, stride_om, stride_od,
-                  stride_dz, stride_dh, stride_dm, stride_dd,
-                  H, M, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    off_zh = tl.program_id(1)
-    off_z = (off_zh // H).to(tl.int64)
-    off_h = (off_zh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    inb = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
-    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
-                + offs_dv[None, :] * stride_od, mask=inb, other=0.0)
-    do = tl.load(DO + off_z * stride_dz + off_h * stride_dh + offs_m[:, None] * stride_dm
-                 + offs_dv[None, :] * stride_dd, mask=inb, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + off_zh.to(tl.int64) * M + offs_m, delta, mask=offs_m < M)
 
 
 @triton.jit
@@ -535,9 +528,10 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d, offs_dv,
-              lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
-              M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
+def _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base, mask_base, rh, offs_m,
+              offs_n, offs_d, offs_dv, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+              stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p,
+              inv_keep,
               BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
               EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
               MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -565,7 +559,8 @@ def _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base
         dp = _dot(do, vt, None, DOT_PREC)
         if HAS_DROPOUT:
             dp = dp * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
-        ds = p * (dp - delta[:, None])
+        delta += tl.sum(p * dp, 1)
+        w = p  # the weight of k_j in dq (see the header): p, 0 where the mask fills, times the softcap derivative
         if HAS_MASK:
             if EVEN_M and EVEN_N:
                 mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn) != 0
@@ -573,24 +568,25 @@ def _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base
                 mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=(rows < M) & (cols < N),
                              other=0) != 0
             if MASK_KEEP:
-                ds = tl.where(mk, ds, 0.0)
+                w = tl.where(mk, w, 0.0)
             else:
-                ds = tl.where(mk, 0.0, ds)
+                w = tl.where(mk, 0.0, w)
         if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        ds = ds * scale
-        dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PREC)
-    return dq
+            w = w * (1.0 - t * t)
+        dq = _dot((w * (dp - shift[:, None])).to(kt.dtype), tl.trans(kt), dq, DOT_PREC)
+        dq_corr = _dot(w.to(kt.dtype), tl.trans(kt), dq_corr, DOT_PREC)
+    return dq, dq_corr, delta
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DQ,
+def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Out, Stats, Delta, DQ,
                  stride_qz, stride_qh, stride_qm, stride_qd,
                  stride_kz, stride_kh, stride_kn, stride_kd,
                  stride_vz, stride_vh, stride_vn, stride_vd,
                  stride_bz, stride_bh, stride_bm, stride_bn,
                  stride_mz, stride_mh, stride_mm, stride_mn,
                  stride_doz, stride_doh, stride_dom, stride_dod,
+                 stride_oz, stride_oh, stride_om, stride_od,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                  H, M, N, D, DV, GQA_RATIO, ZHM,
                  qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
@@ -618,20 +614,19 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DQ,
     q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = (DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
                + offs_dv[None, :] * stride_dod)
+    o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     if EVEN_M and EVEN_D:
         q = tl.load(q_ptrs)
     else:
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
     if EVEN_M and EVEN_DV:
         do = tl.load(do_ptrs)
+        o = tl.load(o_ptrs)
     else:
         do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        o = tl.load(o_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+    shift = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # d0 = rowsum(dO * O): delta up to O's rounding
     mrow, lrow = _row_stats(Stats, off_zh.to(tl.int64) * M, ZHM, offs_m, M, EVEN_M, NATURAL, SAFE_SOFTMAX)
-    delta_ptrs = Delta + off_zh.to(tl.int64) * M + offs_m
-    if EVEN_M:
-        delta = tl.load(delta_ptrs)
-    else:
-        delta = tl.load(delta_ptrs, mask=offs_m < M, other=0.0)
     k_base = K + off_z * stride_kz + off_hk * stride_kh
     v_base = V + off_z * stride_vz + off_hk * stride_vh
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
@@ -641,32 +636,43 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DQ,
         rh = _row_hash(seed, off_zh, offs_m)
     else:
         rh = offs_m
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum_j w (dp - d0) k_j
+    dq_corr = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum_j w k_j
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j p dp
     if IS_CAUSAL:
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        dq = _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
-                       offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                       stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
-                       dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
-        dq = _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
-                       offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                       stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
-                       dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+        dq, dq_corr, delta = _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base,
+                                       mask_base, rh, offs_m, offs_n, offs_d, offs_dv, 0, lo_mask, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
+                                       M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                                       dropout_p, inv_keep, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False,
+                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+        dq, dq_corr, delta = _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base,
+                                       mask_base, rh, offs_m, offs_n, offs_d, offs_dv, lo_mask, hi, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
+                                       M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                                       dropout_p, inv_keep, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True,
+                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
     else:
-        dq = _dq_inner(dq, q, do, mrow, lrow, delta, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d,
-                       offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                       stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
-                       dropout_p, inv_keep, scale, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+        dq, dq_corr, delta = _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base,
+                                       mask_base, rh, offs_m, offs_n, offs_d, offs_dv, 0, N, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
+                                       M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                                       dropout_p, inv_keep, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False,
+                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+    dq = (dq - (delta - shift)[:, None] * dq_corr) * scale
     dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
+    delta_ptrs = Delta + off_zh.to(tl.int64) * M + offs_m
     if EVEN_M and EVEN_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
     else:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_d[None, :] < D))
+    if EVEN_M:
+        tl.store(delta_ptrs, delta)
+    else:
+        tl.store(delta_ptrs, delta, mask=offs_m < M)
 
 
 # ------------------------------------------------------------------------------------------------------ autotune
@@ -733,11 +739,15 @@ def _prune_dq(configs, named_args, **kwargs):
 
     def keep(c):
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        # two [BLOCK_M, BLOCK_D] fp32 accumulators (dq and its delta correction): BLOCK_M * BLOCK_D / threads
+        # is kept at or below 64 registers each for d > 64, where one of them used to be allowed 128
         if d <= 64:
-            return bm == 128 and ((bn == 64 and w == 4 and s in (3, 4)) or (bn == 32 and w == 4 and s == 5))
+            return ((bm == 128 and w == 4 and ((bn == 64 and s in (3, 4)) or (bn == 32 and s == 5)))
+                    or (bm == 128 and bn == 64 and w == 8 and s == 3) or (bm == 64 and bn == 64 and w == 4 and s == 3))
         if d <= 128:
-            return bm == 128 and ((bn == 64 and w == 8 and s in (2, 3)) or (bn == 32 and w == 4 and s == 4))
-        return s == 2 and ((bm == 64 and bn in (32, 64) and w in (4, 8)) or (bm == 128 and bn == 32 and w == 8))
+            return ((bm == 128 and bn == 64 and w == 8 and s in (2, 3))
+                    or (bm == 64 and bn in (32, 64) and w == 4 and s == 3))
+        return s == 2 and bm == 64 and bn in (32, 64) and w == 8
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 
 
@@ -936,11 +946,17 @@ def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad:
     fixed = _fixed_config()
     stats = stats.to(torch.float32).contiguous()
     delta = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
-    pre_bm = 64
-    _attn_bwd_pre[(triton.cdiv(m, pre_bm), z * h)](out, dout, delta, *out.stride(), *dout.stride(), h, m, c["dv"],
-                                                  BLOCK_M=pre_bm, BLOCK_DV=c["flags"]["BLOCK_DV"])
     common_kw = dict(**c["scal"], scale=float(spec.scale), BUCKET_M=_bucket(m), BUCKET_N=_bucket(n),
                      **c["flags"], **_even_all(c, fixed))
+
+    # dq first: it sums the exact delta that the dk/dv kernel's ds (and dbias) needs (see the header)
+    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, out, stats, delta, dq,
+               *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
+               *out.stride(), *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv, z * h * m)
+
+    def grid_q(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, dq_args, common_kw)
 
     if bias_grad:
         db4 = dbias32.expand(z, h, m, n)
@@ -959,12 +975,4 @@ def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad:
     def grid_kv(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), z * hkv)
     _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, dkdv_args, dict(**common_kw, **db_sum))
-
-    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, stats, delta, dq,
-               *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
-               *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv, z * h * m)
-
-    def grid_q(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
-    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, dq_args, common_kw)
     return finish()
