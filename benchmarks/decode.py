@@ -86,12 +86,16 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--peak", type=float, default=3.35e12, help="HBM bandwidth of the card, bytes/s")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--waves", type=int, default=None, help="override the split heuristic's programs per SM")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode.csv / decode.png")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA device")
     if args.quick:
         args.batch, args.cache = [1, 32], [4096, 65536]
+    if args.waves is not None:
+        from attn_compiler.codegen import triton_decode
+        triton_decode._WAVES = args.waves
     fns = {p: provider(p) for p in PROVIDERS}
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, q_len 1, H={args.heads}, "

@@ -12,7 +12,7 @@ few dozen programs on a 132-SM GPU; and GQA heads each re-read their KV head. He
                      query heads times M query positions, padded to BLOCK_R >= 16 for tl.dot). The cache is read
                      once per group, never repeated. Online softmax over the chunk's key tiles; writes the
                      partial (acc [R, Dv], row max m, row sum l) in fp32 to a workspace.
-    _decode_combine  grid (z * hkv, row blocks). Rescales the splits' partials to the global row max and sums:
+    _decode_combine  grid (z * hkv, rows of the group): one program per query row. Rescales the splits' partials to the global row max and sums:
                      out = sum_s acc_s * e^(m_s - m) / sum_s l_s * e^(m_s - m). A split with no keys (past the
                      cache length, above the causal diagonal, or masked everywhere with -inf) has m_s = -inf and
                      contributes exactly 0 (the global max is made finite first: no -inf - -inf). A row with no
@@ -102,63 +102,64 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML,
 def _decode_combine(Acc, ML, Out, Stats,
                     stride_oz, stride_oh, stride_om, stride_od,
                     HKV, G, M, DV, R, SPLITS, ROWS_PAD, ZHM,
-                    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
                     NATURAL: tl.constexpr):
+    """One program per query row (z, kv head, group row r): the splits are reduced BLOCK_S at a time."""
     pid_zk = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    r = tl.program_id(1)
     off_z = (pid_zk // HKV).to(tl.int64)
-    off_hk = (pid_zk % HKV).to(tl.int64)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    valid = r < R
-    off_h = off_hk * G + (r // M).to(tl.int64)
-    rows = r % M
+    off_h = (pid_zk % HKV).to(tl.int64) * G + r // M
+    row = r % M
+    offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    base = pid_zk.to(tl.int64) * SPLITS * ROWS_PAD + r
+    base = pid_zk.to(tl.int64) * SPLITS * ROWS_PAD + r   # workspace row of split s: base + s * ROWS_PAD
 
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(ML + 2 * (base + s * ROWS_PAD), mask=valid, other=float("-inf")))
+    m_blk = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        s = s0 + offs_s
+        m_blk = tl.maximum(m_blk, tl.load(ML + 2 * (base + s * ROWS_PAD), mask=s < SPLITS, other=float("-inf")))
+    m = tl.max(m_blk, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    for s in range(0, SPLITS):
+    l_blk = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        s = s0 + offs_s
         ws = base + s * ROWS_PAD
-        m_s = tl.load(ML + 2 * ws, mask=valid, other=float("-inf"))
-        w = tp._exp_diff(m_s, m_safe, NATURAL)
-        l += tl.load(ML + 2 * ws + 1, mask=valid, other=0.0) * w
-        acc += tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=valid[:, None], other=0.0) * w[:, None]
-    o = acc / l[:, None]  # l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives
+        m_s = tl.load(ML + 2 * ws, mask=s < SPLITS, other=float("-inf"))
+        w = tp._exp_diff(m_s, m_safe, NATURAL)   # an empty split (m_s = -inf) weighs exactly 0
+        l_blk += tl.load(ML + 2 * ws + 1, mask=s < SPLITS, other=0.0) * w
+        a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
+    l = tl.sum(l_blk, 0)
+    o = acc / l  # l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
-        o = tl.where((l == 0.0)[:, None], 0.0, o)
+        o = tl.where(l == 0.0, 0.0, o)
     if NATURAL:
         m_nat = m
     else:
         m_nat = m * 0.6931471805599453
-    logl = tl.log2(l) * 0.6931471805599453
-    o_ptrs = Out + off_z * stride_oz + off_h[:, None] * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < DV))
-    st = (off_z * (HKV * G) + off_h) * M + rows   # stats [2, Z, H, M]
-    tl.store(Stats + st, m_nat, mask=valid)
-    tl.store(Stats + ZHM + st, logl, mask=valid)
+    o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + row * stride_om + offs_dv * stride_od
+    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=offs_dv < DV)
+    st = (off_z * (HKV * G) + off_h) * M + row   # stats [2, Z, H, M]
+    tl.store(Stats + st, m_nat)
+    tl.store(Stats + ZHM + st, tl.log2(l) * 0.6931471805599453)
 
 
 def _cfg(bn, w, s):
     return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-_SPLIT_CONFIGS = [_cfg(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+_SPLIT_CONFIGS = [_cfg(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
 
 
 def _prune_split(configs, named_args, **kwargs):
     d = max(tp._arg(named_args, kwargs, "BLOCK_D"), tp._arg(named_args, kwargs, "BLOCK_DV"))
+    elt = 4 if tp._arg(named_args, kwargs, "DOT_PREC") == "ieee" else 2
 
     def keep(c):
-        bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-        if d <= 64:
-            return bn in (64, 128) and w == 4 and s in (3, 4)
-        if d <= 128:
-            return bn in (64, 128) and w in (4, 8) and s in (2, 3)
-        return bn in (32, 64) and w in (4, 8) and s == 2
+        # a memory-bound stream: as many K/V tiles in flight as shared memory (~200 KB used of 228) allows
+        bn, s = c.kwargs["BLOCK_N"], c.num_stages
+        return 2 * bn * d * elt * s <= 200 * 1024 and (bn >= 64 or d * elt >= 1024)
     return [c for c in configs if keep(c)] or [_cfg(64, 4, 2)]
 
 
@@ -235,7 +236,8 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
         bn = fixed["BLOCK_N"]
         _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, BUCKET_N=tp._bucket(n),
                             BLOCK_N=bn, num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])
-    _decode_combine[(z * hkv, row_blocks)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits,
-                                           rows_pad, z * h * m, BLOCK_R=block_r, BLOCK_DV=block_dv,
-                                           SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"], NATURAL=c["flags"]["NATURAL"])
+    _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,
+                                     z * h * m, BLOCK_S=min(32, triton.next_power_of_2(splits)),
+                                     BLOCK_DV=block_dv, SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"],
+                                     NATURAL=c["flags"]["NATURAL"])
     return out, stats
