@@ -739,8 +739,8 @@ def _prune_dq(configs, named_args, **kwargs):
 
     def keep(c):
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-        # two [BLOCK_M, BLOCK_D] fp32 accumulators (dq and its delta correction): BLOCK_M * BLOCK_D / threads
-        # is kept at or below 64 registers each for d > 64, where one of them used to be allowed 128
+        # two [BLOCK_M, BLOCK_D] fp32 accumulators (dq and its delta correction): every config keeps
+        # BLOCK_M * BLOCK_D / threads at or below 64 registers each (one accumulator was allowed 128 before)
         if d <= 64:
             return ((bm == 128 and w == 4 and ((bn == 64 and s in (3, 4)) or (bn == 32 and s == 5)))
                     or (bm == 128 and bn == 64 and w == 8 and s == 3) or (bm == 64 and bn == 64 and w == 4 and s == 3))
