@@ -247,7 +247,7 @@ def _hf_model(kind: str):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_generate_same_tokens_and_every_decode_site_rewritten(kind, cache):
+def test_generate_same_tokens_and_every_decode_site_rewritten(kind, cache, tmp_path):
     """model.generate (greedy) compiled with memattn gives eager's tokens; every layer's decode-step site is
     rewritten to the decode kernel; the report names the cache pattern (a concat cache with the bytes it copies
     per step as a formula in the cache length)."""
@@ -286,6 +286,9 @@ def test_generate_same_tokens_and_every_decode_site_rewritten(kind, cache):
                 assert "copies" in r.table() and "per step" in r.table()
     if cache == "dynamic":  # from the recompile that makes the cache length dynamic on, one graph serves all steps
         assert any(sympy.sympify(str(s.cache_copy_bytes)).free_symbols for r in decode_steps for s in r.sites)
+        html = tmp_path / "decode.html"
+        decode_steps[-1].to_html(str(html))
+        assert "concat cache: copies" in html.read_text()
 
 
 def test_gpt_fast_decode_loop_static_cache():
