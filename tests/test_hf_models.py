@@ -323,7 +323,7 @@ def test_nanogpt_sliced_tril_buffer(dynamic):
 
 @pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
 def test_gpt_fast_prefill_and_decode(sdpa):
-    """gpt-fast-style inference: prefill 19 tokens, then decode one, through a KV cache written in place. The
+    """gpt-fast-style inference: prefill 19 tokens, then decode five, through a KV cache written in place. The
     mutation happens before the QK^T matmul, so the kernel reads the updated cache (the full max_seq length, with
     the mask row selecting the valid keys). RoPE's flatten of [..., D/2, 2] into the head dim is followed through.
     With SDPA the graph holds a fused attention op and no softmax: nothing to rewrite, and no site is reported."""
@@ -332,18 +332,24 @@ def test_gpt_fast_prefill_and_decode(sdpa):
     ref = Stack([GPTFastAttention(sdpa=sdpa) for _ in range(2)]).eval()
     ref.load_state_dict(model.state_dict())
     compiled = torch.compile(model, backend="memattn", fullgraph=True)
-    x = torch.randn(2, 20, 64)
+    x = torch.randn(2, 24, 64)
     before = len(attn_compiler.reports())
     with torch.no_grad():
-        for pos in (torch.arange(19), torch.tensor([19])):
+        for pos in [torch.arange(19)] + [torch.tensor([p]) for p in range(19, 24)]:
             got, want = compiled(x[:, pos], pos), ref(x[:, pos], pos)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-    sites = [s for r in attn_compiler.reports()[before:] for s in r.sites]
+    reports = attn_compiler.reports()[before:]
+    sites = [s for r in reports for s in r.sites]
     if sdpa:
         assert sites == []
         return
-    assert len(sites) == 4 and all(s.status == "rewritten" for s in sites), [s.reason for s in sites]
+    # the 19-token prefill, then the decode steps (one graph, or two when the position becomes dynamic)
+    assert all(s.status == "rewritten" for s in sites), [s.reason for s in sites]
     assert all(s.flags["gqa"] == "GQA" and s.flags["bool_masks"] == 1 for s in sites)
+    assert [s.kernel for s in reports[0].sites] == ["prefill"] * 2
+    decode = [s for r in reports[1:] for s in r.sites]
+    assert decode and all(s.kernel == "decode" for s in decode), [r.table() for r in reports]
+    assert all(s.cache == "in-place" for s in sites)  # k_cache[:, :, pos] = k before the QK^T matmul
 
 
 class DynamicHeadDim(nn.Module):
