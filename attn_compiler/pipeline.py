@@ -150,6 +150,10 @@ def _plan(lowered: fx.GraphModule, example_inputs, opts, memory, model):
         outcome.budget, outcome.target = budget, target
         plan_mod.apply(lowered, outcome)
     if not outcome.fits:
+        inputs = memory.inputs.at()
+        if inputs > target:  # nothing the planner does can help: say what the budget is up against
+            outcome.note = (f"the graph's inputs alone (parameters included) take {analysis.fmt_bytes(inputs)}, "
+                            f"more than memory_budget {analysis.fmt_bytes(budget)} allows; " + (outcome.note or ""))
         plan_mod.warn_no_fit(outcome)
     return outcome
 
