@@ -458,9 +458,9 @@ def _graph_outputs(values: Values) -> set:
     return out
 
 
-def inference_peak(values: Values, hints: dict, symbolic: bool = True) -> Peak:
-    tally, best = Tally(hints, symbolic), MaxOf()
-    top = [-1, ""]
+def _walk_forward(values: Values, tally: Tally, offer) -> set:
+    """Tally a forward graph in execution order: its inputs live throughout, each op's fresh storages added and the
+    dead ones freed, ``offer(node)`` after each op. Returns the storages still live when it returns."""
     keep = _graph_outputs(values)
     for s in values.storages:
         if s.is_input:
@@ -471,11 +471,21 @@ def inference_peak(values: Values, hints: dict, symbolic: bool = True) -> Peak:
             for sid in values.fresh(node):
                 tally.add(values.storages[sid].bytes)
                 live.add(sid)
-            if symbolic:
-                best.offer(tally.snapshot(), tally.value)
-            if tally.value > top[0]:
-                top = [tally.value, node.name]
+            offer(node)
         _free_dead(values, node, live, keep, (), tally)
+    return live
+
+
+def inference_peak(values: Values, hints: dict, symbolic: bool = True) -> Peak:
+    tally, best = Tally(hints, symbolic), MaxOf()
+    top = [-1, ""]
+
+    def offer(node):
+        if symbolic:
+            best.offer(tally.snapshot(), tally.value)
+        if tally.value > top[0]:
+            top[:] = [tally.value, node.name]
+    _walk_forward(values, tally, offer)
     expr = best.expr() if symbolic else sympy.Integer(max(top[0], 0))
     return Peak(Bytes(expr, hints, max(top[0], 0)), top[1], "forward")
 
@@ -706,18 +716,7 @@ def split_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, bw_
         if tally.value > top[0]:
             top[:] = [tally.value, where, phase]
 
-    keep = _graph_outputs(fv)
-    for s in fv.storages:
-        if s.is_input:
-            tally.add(s.bytes)
-    live = set()
-    for node in fv.order:
-        if node.op == "call_function":
-            for sid in fv.fresh(node):
-                tally.add(fv.storages[sid].bytes)
-                live.add(sid)
-            offer(node.name, "forward")
-        _free_dead(fv, node, live, keep, (), tally)
+    live = _walk_forward(fv, tally, lambda node: offer(node.name, "forward"))
     # map the backward's inputs to forward storages by name (AOTAutograd names saved values after fw nodes)
     out_node = next(n for n in fv.order if n.op == "output")
     fw_outs = [a for a in out_node.args[0]]

@@ -19,6 +19,7 @@ class GPTConfig:
     d_model: int = 256
     dropout: float = 0.0
     mask: str = "tril"       # "tril": causal mask built in the graph; "buffer": sliced from a registered buffer
+    attention: str = "explicit"  # softmax(QK^T)V written out (what memattn rewrites), or "sdpa" (a baseline)
 
 
 class CausalSelfAttention(nn.Module):
@@ -41,6 +42,10 @@ class CausalSelfAttention(nn.Module):
         k, v = self.kv(x).split(cfg.n_kv_head * self.head_dim, dim=2)
         k = k.view(b, t, cfg.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.n_kv_head, self.head_dim).transpose(1, 2)
+        if cfg.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=cfg.dropout if self.training else 0.0,
+                                               is_causal=True, enable_gqa=cfg.n_kv_head != cfg.n_head)
+            return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
         rep = cfg.n_head // cfg.n_kv_head
         if rep > 1:
             k = k[:, :, None].expand(b, cfg.n_kv_head, rep, t, self.head_dim).reshape(b, cfg.n_head, t, -1)

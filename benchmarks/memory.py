@@ -27,35 +27,18 @@ import traceback
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 GIB = 2 ** 30
 
 
-def sdpa_forward(self, x):
-    """CausalSelfAttention.forward with PyTorch's fused attention, for the SDPA column."""
-    b, t, c = x.shape
-    cfg = self.cfg
-    q = self.q(x).view(b, t, cfg.n_head, self.head_dim).transpose(1, 2)
-    k, v = self.kv(x).split(cfg.n_kv_head * self.head_dim, dim=2)
-    k = k.view(b, t, cfg.n_kv_head, self.head_dim).transpose(1, 2)
-    v = v.view(b, t, cfg.n_kv_head, self.head_dim).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head != cfg.n_head)
-    return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
-
-
 def build(args, n, sdpa=False):
-    from attn_compiler.models import GPT, GPTConfig, CausalSelfAttention
+    from attn_compiler.models import GPT, GPTConfig
     torch.manual_seed(0)
     cfg = GPTConfig(vocab=args.vocab, block=n, n_layer=args.layers, n_head=args.heads, n_kv_head=args.heads,
-                    d_model=args.d_model)
+                    d_model=args.d_model, attention="sdpa" if sdpa else "explicit")
     model = GPT(cfg).to(args.device, getattr(torch, args.dtype))
-    if sdpa:
-        for m in model.modules():
-            if isinstance(m, CausalSelfAttention):
-                m.forward = sdpa_forward.__get__(m)
     idx = torch.randint(0, cfg.vocab, (args.batch, n), generator=torch.Generator().manual_seed(1)).to(args.device)
     return model, idx
 
