@@ -276,3 +276,40 @@ def test_kernel_kind_from_symbolic_query_length():
     torch._check(s <= 8)
     torch._check(s >= 1)
     assert cache.kernel_kind(s, 0.0) == "decode"
+
+
+class SliceCache(torch.nn.Module):
+    """A hand-written static cache written by slice assignment (``cache[:, :, pos:pos + 1] = k``), attention over the
+    whole buffer with a position mask; GQA by HF's repeat_kv."""
+
+    def __init__(self, b=2, hkv=2, h=4, max_len=40, d=16):
+        super().__init__()
+        self.h = h
+        self.register_buffer("k_cache", torch.zeros(b, hkv, max_len, d))
+        self.register_buffer("v_cache", torch.zeros(b, hkv, max_len, d))
+
+    def forward(self, q, k, v, pos: int):
+        self.k_cache[:, :, pos:pos + 1] = k
+        self.v_cache[:, :, pos:pos + 1] = v
+        b, hkv, n, d = self.k_cache.shape
+        rep = self.h // hkv
+        keys = self.k_cache[:, :, None].expand(b, hkv, rep, n, d).reshape(b, self.h, n, d)
+        vals = self.v_cache[:, :, None].expand(b, hkv, rep, n, d).reshape(b, self.h, n, d)
+        s = q @ keys.transpose(-2, -1) / d ** 0.5
+        s = s.masked_fill(torch.arange(n, device=q.device) > pos, float("-inf"))
+        return torch.softmax(s, -1) @ vals
+
+
+def test_slice_assigned_static_cache_is_an_in_place_decode_site():
+    torch.manual_seed(0)
+    model, ref = SliceCache().to(DEV), SliceCache().to(DEV)
+    compiled = torch.compile(model, backend="memattn", fullgraph=True)
+    before = len(attn_compiler.reports())
+    for pos in (0, 1, 2):
+        q = torch.randn(2, 4, 1, 16, device=DEV)
+        k, v = torch.randn(2, 2, 1, 16, device=DEV), torch.randn(2, 2, 1, 16, device=DEV)
+        torch.testing.assert_close(compiled(q, k, v, pos), ref(q, k, v, pos), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(model.k_cache, ref.k_cache)  # the cache writes happened, in place
+    sites = [s for r in attn_compiler.reports()[before:] for s in r.sites]
+    assert sites and all(s.status == "rewritten" and s.kernel == "decode" and s.cache == "in-place"
+                         for s in sites), [r.table() for r in attn_compiler.reports()[before:]]
