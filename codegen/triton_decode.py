@@ -19,6 +19,16 @@ few dozen programs on a 132-SM GPU; and GQA heads each re-read their KV head. He
                      key anywhere gives 0 / 0 = NaN as eager's softmax does (0 with SAFE_SOFTMAX); its stats are
                      those of prefill, so the backward (prefill's) is unchanged.
 
+Kernel flags (tl.constexpr, decided on the host; the flags shared with prefill mean what its header says):
+    BLOCK_R            query rows per program: G * M padded to a power of two, 16 <= BLOCK_R <= 64 (more rows take
+                       another row block, which re-reads the chunk)
+    BLOCK_N            keys per tile (autotuned; divides the chunk, so no tile straddles two chunks)
+    EVEN_N             N % BLOCK_N == 0: the key bound checks are compiled out
+    BLOCK_D/DV, EVEN_D/DV, IS_CAUSAL (applied on every tile: a decode step has at most 16 rows, and keys past the
+    last row's diagonal are cut from the chunk's range), HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, NATURAL, DOT_PREC
+                       as in triton_prefill; dropout is not a decode flag (such calls run the prefill kernel)
+    BLOCK_S            combine: splits reduced per step; SAFE_SOFTMAX as in prefill
+
 The number of splits is chosen on the host from batch, KV heads, row blocks, cache length and the SM count: enough
 programs for a few waves, never a chunk shorter than one key tile (chunks are multiples of ``CHUNK_ALIGN`` so that
 every autotuned BLOCK_N divides them).
