@@ -175,7 +175,7 @@ def _prune_split(configs, named_args, **kwargs):
 
 _decode_split_tuned = triton.autotune(
     _SPLIT_CONFIGS, key=["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK",
-                         "SOFTCAP"],
+                         "SOFTCAP", "DOT_PREC"],  # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
     prune_configs_by={"early_config_prune": _prune_split})(_decode_split)
 
 
@@ -247,7 +247,7 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
         _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, BUCKET_N=tp._bucket(n),
                             BLOCK_N=bn, num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])
     _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,
-                                     z * h * m, BLOCK_S=min(32, triton.next_power_of_2(splits)),
+                                     z * h * m, BLOCK_S=min(32, max(2, triton.next_power_of_2(splits))),
                                      BLOCK_DV=block_dv, SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"],
                                      NATURAL=c["flags"]["NATURAL"])
     return out, stats
