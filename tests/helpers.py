@@ -134,3 +134,32 @@ def check_model(model, inputs, dtype, *, dynamic=False, rewritten=None, left=0, 
             continue
         assert_close_to_truth(a, e, t, dtype, what=f"grad of {pname}")
     return report
+
+
+# The bf16 near-one-hot case of test_reference.py / test_triton_prefill.py (ds = p (dp - delta) cancels, so the
+# backward's delta must be exact): its two Spec variants and its tensors.
+NEAR_ONE_HOT_SPECS = {
+    # softcap, dropout, and a row masked everywhere with a finite fill (uniform p, no gradient through it)
+    "softcap_dropout_finite_fill": dict(scale=24 ** -0.5, softcap=20.0, dropout_p=0.3,
+                                        mask_fill=torch.finfo(torch.bfloat16).min),
+    # rows with no key at all (masked, and before the causal diagonal's start) under safe softmax: zero gradients
+    "safe_softmax_empty_rows": dict(scale=24 ** -0.5, causal=True, causal_offset=-1, safe_softmax=True),
+}
+
+
+def near_one_hot_bf16_case(device="cpu"):
+    """(q, k, v, bias, dout) in bf16, mask, seed: 3 keys, every query row a multiple of one key (p one-hot up to
+    ~1e-6), a row masked everywhere and a masked key that is not its row's winner. The tensors are bf16 values, so
+    an fp64 truth taken from them measures the computation's error, not the inputs' rounding."""
+    g = torch.Generator().manual_seed(5)
+    z, h, hkv, m, n, d = 2, 4, 2, 20, 3, 24
+    k = torch.randn(z, hkv, n, d, generator=g)
+    q = k.repeat_interleave(h // hkv, 1)[:, :, torch.arange(m) % n] * 3 + torch.randn(z, h, m, d, generator=g) * 0.1
+    v = torch.randn(z, hkv, n, d, generator=g)
+    bias = torch.randn(1, h, m, n, generator=g)
+    dout = torch.randn(z, h, m, d, generator=g)
+    tensors = tuple(t.to(device=device, dtype=torch.bfloat16) for t in (q, k, v, bias, dout))
+    mask = torch.ones(m, n, dtype=torch.bool, device=device)
+    mask[3] = False
+    mask[7, 0] = False
+    return tensors, mask, torch.tensor(77)

@@ -6,7 +6,7 @@ import torch
 
 from attn_compiler.codegen import reference, rng
 from attn_compiler.codegen.reference import Spec
-from helpers import LargestTensor
+from helpers import NEAR_ONE_HOT_SPECS, LargestTensor, near_one_hot_bf16_case
 
 attention = torch.ops.memattn.attention
 
@@ -165,32 +165,15 @@ def test_safe_softmax_fully_masked_rows_get_zero_gradient():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("spec", [
-    # softcap, dropout, and a row masked everywhere with a finite fill (uniform p, no gradient through it)
-    Spec(scale=24 ** -0.5, softcap=20.0, dropout_p=0.3, mask_fill=torch.finfo(torch.bfloat16).min),
-    # rows with no key at all (masked, and before the causal diagonal's start) under safe softmax: zero gradients
-    Spec(scale=24 ** -0.5, causal=True, causal_offset=-1, safe_softmax=True),
-], ids=["softcap_dropout_finite_fill", "safe_softmax_empty_rows"])
-def test_bf16_grads_near_one_hot_few_keys(spec):
+@pytest.mark.parametrize("variant", list(NEAR_ONE_HOT_SPECS))
+def test_bf16_grads_near_one_hot_few_keys(variant):
     """Nearly one-hot softmax over 3 keys in bf16: ds = p (dp - delta) cancels, so delta must be exact.
 
     With FA2's delta = rowsum(dO * O) the rounding of O to bf16 survived the cancellation and dk, dbias came out
     5-10x eager's error (the fuzzer found it); with delta summed from p and dp they are well below eager's.
     """
-    g = torch.Generator().manual_seed(5)
-    z, h, hkv, m, n, d = 2, 4, 2, 20, 3, 24
-    k = torch.randn(z, hkv, n, d, generator=g)
-    # every query row a multiple of one key: p is one-hot up to ~1e-6
-    q = k.repeat_interleave(h // hkv, 1)[:, :, torch.arange(m) % n] * 3 + torch.randn(z, h, m, d, generator=g) * 0.1
-    v = torch.randn(z, hkv, n, d, generator=g)
-    bias = torch.randn(1, h, m, n, generator=g)
-    dout = torch.randn(z, h, m, d, generator=g)
-    # the truth takes the bf16 inputs exactly: the errors measured are the computation's, not the inputs' rounding
-    q, k, v, bias, dout = (t.bfloat16() for t in (q, k, v, bias, dout))
-    mask = torch.ones(m, n, dtype=torch.bool)
-    mask[3] = False  # a row masked everywhere
-    mask[7, 0] = False  # and a masked key that is not the row's winner
-    seed = torch.tensor(77)
+    spec = Spec(**NEAR_ONE_HOT_SPECS[variant])
+    (q, k, v, bias, dout), mask, seed = near_one_hot_bf16_case()
 
     def grads(fn, dtype):
         leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v, bias)]

@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 
 from attn_compiler.codegen import reference, rng  # noqa: E402
 from attn_compiler.codegen.reference import Spec  # noqa: E402
+from helpers import NEAR_ONE_HOT_SPECS, near_one_hot_bf16_case  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -285,7 +286,7 @@ def test_fully_masked_rows(tp):
               eager_truth_bwd=True)
 
 
-@pytest.mark.parametrize("variant", ["softcap_dropout_finite_fill", "safe_softmax_empty_rows"])
+@pytest.mark.parametrize("variant", list(NEAR_ONE_HOT_SPECS))
 def test_bf16_grads_near_one_hot_few_keys(tp, variant):
     """Nearly one-hot softmax over 3 keys in bf16: ds = p (dp - delta) cancels, so delta must be exact.
 
@@ -294,23 +295,8 @@ def test_bf16_grads_near_one_hot_few_keys(tp, variant):
     test of that name, with a stricter budget than the flag grid's: 2x eager. The safe-softmax variant also
     caught NaN gradients on rows with no key when a bias or mask is present (NATURAL: exp2(-inf + inf)).
     """
-    g = torch.Generator().manual_seed(5)
-    z, h, hkv, m, n, d = 2, 4, 2, 20, 3, 24
-    k = torch.randn(z, hkv, n, d, generator=g)
-    # every query row a multiple of one key: p is one-hot up to ~1e-6
-    q = k.repeat_interleave(h // hkv, 1)[:, :, torch.arange(m) % n] * 3 + torch.randn(z, h, m, d, generator=g) * 0.1
-    v = torch.randn(z, hkv, n, d, generator=g)
-    bias = torch.randn(1, h, m, n, generator=g)
-    dout = torch.randn(z, h, m, d, generator=g)
-    q, k, v, bias, dout = (t.to(device=DEV, dtype=BF16) for t in (q, k, v, bias, dout))
-    mask = torch.ones(m, n, dtype=torch.bool, device=DEV)
-    mask[3] = False  # a row masked everywhere
-    mask[7, 0] = False  # and a masked key that is not the row's winner
-    if variant == "softcap_dropout_finite_fill":
-        spec = Spec(scale=d ** -0.5, softcap=20.0, dropout_p=0.3, mask_fill=torch.finfo(BF16).min)
-    else:  # rows with no key at all (the masked one, and row 0 before the causal diagonal): zero gradients
-        spec = Spec(scale=d ** -0.5, causal=True, causal_offset=-1, safe_softmax=True)
-    seed = torch.tensor(77)
+    spec = Spec(**NEAR_ONE_HOT_SPECS[variant])
+    (q, k, v, bias, dout), mask, seed = near_one_hot_bf16_case(DEV)
     with _tiles(tp):
         out, stats = tp.forward(q, k, v, bias, mask, seed, spec)
         grads = tp.backward(dout, q, k, v, out, stats, bias, mask, seed, spec, True)
