@@ -18,13 +18,14 @@ decode.csv and, where matplotlib is importable, decode.png into --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from common import pyplot, write_csv
 
 PROVIDERS = ("memattn", "sdpa_gqa", "sdpa_repeat", "flash_repeat")
 
@@ -151,18 +152,9 @@ def table(rows):
 
 
 def save(rows, out):
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "decode.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: CSV only")
+    path = write_csv(rows, out, "decode.csv")
+    plt = pyplot()
+    if plt is None:
         return
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches), 3.2), squeeze=False)

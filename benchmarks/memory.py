@@ -29,6 +29,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import pyplot  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -201,12 +202,8 @@ def main():
     print("|" + " --- |" * len(header))
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not importable: no plot (the CSV has the numbers)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for provider in dict.fromkeys(r[1] for r in rows):

@@ -11,13 +11,14 @@ prefill.csv and, where matplotlib is importable, prefill.png into --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from common import pyplot, write_csv
 
 PROVIDERS = ("memattn", "flash", "cudnn", "efficient")
 
@@ -168,19 +169,9 @@ def table(rows, fns):
 def save(rows, out):
     if not rows:
         return
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "prefill.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: CSV only")
+    print(f"wrote {write_csv(rows, out, 'prefill.csv')}")
+    plt = pyplot()
+    if plt is None:
         return
     keys = sorted({(r["d"], r["causal"], r["mode"]) for r in rows})
     cols = 4
