@@ -19,6 +19,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from attn_compiler.analysis import tensor_bytes
 from attn_compiler.codegen.dispatch import DECODE_MAX_Q
 from attn_compiler.layout import val
 
@@ -43,12 +44,6 @@ def kernel_kind(q_len, dropout_p: float) -> str:
     return "prefill/decode"
 
 
-def tensor_bytes(t: torch.Tensor) -> sympy.Expr:
-    """Bytes of a (fake) tensor as a sympy expression over the graph's shape symbols."""
-    sizes = [s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s) for s in t.shape]
-    return sympy.Mul(*sizes, sympy.Integer(t.element_size()))
-
-
 def _mutates(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.is_mutable:
@@ -67,8 +62,7 @@ def _alias_root(node: fx.Node) -> fx.Node:
     return node
 
 
-def _written_before(root: fx.Node, before: fx.Node) -> bool:
-    order = {n: i for i, n in enumerate(root.graph.nodes)}
+def _written_before(root: fx.Node, before: fx.Node, order: dict) -> bool:
     stack, seen = [root], set()
     while stack:
         n = stack.pop()
@@ -89,6 +83,7 @@ def cache_pattern(k_base: fx.Node, v_base: fx.Node, qk: fx.Node) -> tuple[Option
     """("concat" | "in-place" | None, bytes a concat cache copies per step)."""
     if k_base.target is aten.cat.default and v_base.target is aten.cat.default:
         return "concat", sympy.simplify(tensor_bytes(val(k_base)) + tensor_bytes(val(v_base)))
-    if all(_written_before(_alias_root(b), qk) for b in (k_base, v_base)):
+    order = {n: i for i, n in enumerate(qk.graph.nodes)}
+    if all(_written_before(_alias_root(b), qk, order) for b in (k_base, v_base)):
         return "in-place", sympy.Integer(0)
     return None, sympy.Integer(0)

@@ -45,7 +45,7 @@ def _scores_bytes(chain) -> sympy.Expr:
         v = val(node)
         for part in (v if isinstance(v, (tuple, list)) else [v]):
             if isinstance(part, torch.Tensor):
-                total += cache.tensor_bytes(part)
+                total += analysis.tensor_bytes(part)
     return sympy.simplify(total)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 
-import sympy
 import torch
 import torch.fx as fx
 
@@ -38,15 +37,6 @@ class Emitter:
         else:
             node.meta["val"] = target(*vals[0], **vals[1])
         return node
-
-
-def size_expr(x):
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(x)
-
-
-def nbytes_expr(node: fx.Node):
-    t = val(node)
-    return sympy.Mul(*[size_expr(s) for s in t.shape], sympy.Integer(t.element_size()))
 
 
 def _is_broadcast(f) -> bool:
