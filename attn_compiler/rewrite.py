@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
 from attn_compiler.match import SHAPE_READERS, Plan
-from attn_compiler.patterns.common import Operand
+from attn_compiler.patterns.common import Operand, fold_factors
 from attn_compiler.site import Reject
 
 aten = torch.ops.aten
@@ -134,25 +134,6 @@ def canonical_operand(em: Emitter, op: Operand, canon_atoms: list, atom_size) ->
     return node
 
 
-def _scalar(factors, start=1.0) -> float:
-    """Multiply out ('mul'|'div', value) factors into a float.
-
-    A factor computed from shapes (1/sqrt(d) of a symbolic head dim) is specialised to its value with a guard: the
-    kernel takes the scale as a constant, and a new head dim recompiles. A factor read from tensor data at run time
-    (an unbacked scalar) cannot be, and the site is left alone.
-    """
-    out = float(start)
-    for kind, v in factors:
-        if isinstance(v, fx.Node):
-            sym = val(v)
-            try:
-                v = float(sym)  # guards on the shape expression
-            except Exception:
-                raise Reject(f"the scale {v.name} is a value read from a tensor at run time, not a constant")
-        out = out * v if kind == "mul" else out / v
-    return out
-
-
 def _linear(em: Emitter, lin: dict):
     out = lin.get(1, 0)
     for key, c in lin.items():
@@ -191,13 +172,13 @@ def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
         fill = op.fill
         keep = op.keep if len(st.masks) == 1 else True
     if st.softcap_post is not None:
-        cap = _scalar(st.softcap_post)  # s = cap * tanh(pre * qk) = cap * tanh((pre * cap) * qk / cap)
+        cap = fold_factors(st.softcap_post)  # s = cap * tanh(pre * qk) = cap * tanh((pre * cap) * qk / cap)
         if cap == 0:
             raise Reject("the soft-cap multiplier is zero")
-        scale = _scalar(st.scale + [("mul", cap)])
+        scale = fold_factors(st.scale + [("mul", cap)])
         softcap = cap
     else:
-        scale = _scalar(st.scale)
+        scale = fold_factors(st.scale)
         softcap = 0.0
     seed = None
     if st.dropout_p > 0:

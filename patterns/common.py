@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from attn_compiler.layout import Dims
+from attn_compiler.layout import Dims, val
+from attn_compiler.site import Reject
 
 aten = torch.ops.aten
 
@@ -43,3 +44,22 @@ class ScoreState:
     def tag(self, family: str) -> None:
         if family not in self.families:
             self.families.append(family)
+
+
+def fold_factors(factors, start=1.0) -> float:
+    """Multiply out ('mul'|'div', value) factors into a float.
+
+    A factor computed from shapes (1/sqrt(d) of a symbolic head dim) is specialised to its value with a guard: the
+    kernel takes the scale as a constant, and a new head dim recompiles. A factor read from tensor data at run time
+    (an unbacked scalar) cannot be, and the site is left alone.
+    """
+    out = float(start)
+    for kind, v in factors:
+        if isinstance(v, fx.Node):
+            sym = val(v)
+            try:
+                v = float(sym)  # guards on the shape expression
+            except Exception:
+                raise Reject(f"the scale {v.name} is a value read from a tensor at run time, not a constant")
+        out = out * v if kind == "mul" else out / v
+    return out

@@ -3,12 +3,11 @@ the scores, to q or to k. Scaling of q/k is folded by attn_compiler/layout.py; t
 import math
 
 import torch
-import torch.fx as fx
 
-from attn_compiler.layout import scale_of, val
+from attn_compiler.layout import scale_of
 from attn_compiler.site import Reject
 
-from .common import ScoreState
+from .common import ScoreState, fold_factors
 
 aten = torch.ops.aten
 
@@ -28,15 +27,11 @@ def _scale_applied_terms(st: ScoreState, factor) -> None:
     bias or mask (Falcon's ALiBi: ``(scores + alibi) * inv_norm``) moves onto those terms. c must be a nonzero
     number: 0 * -inf fills would be NaN. One computed from shapes (1/sqrt(d) of a dynamic head dim) is specialised
     with a guard, as the rewrite does for the scale; a value read from a tensor at run time cannot be."""
-    kind, c = factor
-    if isinstance(c, fx.Node):
-        try:
-            c = float(val(c))  # guards on the shape expression
-        except Exception:
-            raise Reject("the scores are scaled after a mask or bias by a run-time value")
-    if not isinstance(c, (int, float)) or c == 0:
+    kind, value = factor
+    c = fold_factors([("mul", value)])  # a shape-derived value is guarded; a run-time one raises Reject
+    if c == 0:
         raise Reject("the scores are scaled after a mask or bias by zero")
-    c = float(c) if kind == "mul" else 1.0 / float(c)
+    c = c if kind == "mul" else 1.0 / c
     if st.softcap_post is not None:
         raise Reject("the scores are scaled after the soft-cap and a mask or bias")
     for op in st.biases:
