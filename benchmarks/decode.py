@@ -3,6 +3,7 @@
     python benchmarks/decode.py                  # the full grid (H100: about two minutes)
     python benchmarks/decode.py --quick          # batch {1, 32}, cache {4k, 64k}
     python benchmarks/decode.py --batch 8 --cache 16384 --hkv 8
+    python benchmarks/decode.py --sweep --batch 8 32 --cache 1024 65536   # tune the split heuristic
 
 q_len 1, 32 query heads, 8 KV heads, d = 128, bf16. Bandwidth counts the bytes of K and V read (2 * B * Hkv * N * d
 * 2) over the time of one call, as % of the card's HBM peak (--peak, 3.35 TB/s for an H100 SXM). Every provider is
@@ -14,6 +15,10 @@ launch overhead, which would swamp a 10 us kernel, is out of every number. Provi
     flash_repeat   the same with the flash backend forced
 Points whose repeated cache does not fit in memory are skipped for that provider. Prints a table, writes
 decode.csv and, where matplotlib is importable, decode.png into --out.
+
+--sweep times memattn under each (programs per SM, least keys per split) of --sweep-waves x --sweep-min-chunk
+(the two knobs of triton_decode.num_splits; the kernel is re-autotuned for each) against sdpa_gqa, and prints one
+row per point: the time ratio sdpa_gqa / memattn per setting, the splits it used and the autotuned tile.
 """
 from __future__ import annotations
 
@@ -88,15 +93,23 @@ def main(argv=None):
     ap.add_argument("--peak", type=float, default=3.35e12, help="HBM bandwidth of the card, bytes/s")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--waves", type=int, default=None, help="override the split heuristic's programs per SM")
+    ap.add_argument("--min-chunk", type=int, default=None, help="override the least keys per split")
+    ap.add_argument("--sweep", action="store_true", help="tune the split heuristic (see above)")
+    ap.add_argument("--sweep-waves", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--sweep-min-chunk", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode.csv / decode.png")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA device")
     if args.quick:
         args.batch, args.cache = [1, 32], [4096, 65536]
+    from attn_compiler.codegen import triton_decode
     if args.waves is not None:
-        from attn_compiler.codegen import triton_decode
         triton_decode._WAVES = args.waves
+    if args.min_chunk is not None:
+        triton_decode._MIN_CHUNK = args.min_chunk
+    if args.sweep:
+        return sweep(args)
     fns = {p: provider(p) for p in PROVIDERS}
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, q_len 1, H={args.heads}, "
@@ -104,10 +117,7 @@ def main(argv=None):
     for b in args.batch:
         for n in args.cache:
             torch.cuda.empty_cache()
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(b, args.heads, 1, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
-            k = torch.randn(b, args.hkv, n, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn(b, args.hkv, n, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
+            q, k, v = make_inputs(args, b, n)
             kv_bytes = 2 * b * args.hkv * n * args.d * 2
             row = dict(batch=b, cache=n, tokens=b * n, kv_mib=kv_bytes / 2 ** 20)
             ref = reference(q[:1], k[:1], v[:1])  # one batch row: the check costs no memory to speak of
@@ -131,6 +141,47 @@ def main(argv=None):
             del q, k, v
     table(rows)
     save(rows, args.out)
+
+
+def make_inputs(args, b, n):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, args.heads, 1, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, args.hkv, n, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(b, args.hkv, n, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v
+
+
+def sweep(args):
+    from attn_compiler.codegen import triton_decode as td
+    settings = [(w, c) for w in args.sweep_waves for c in args.sweep_min_chunk]
+    mem, gqa = provider("memattn"), provider("sdpa_gqa")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"# sweep on {torch.cuda.get_device_name()}: sdpa_gqa time / memattn time per (waves, min_chunk); "
+          f"splits and autotuned (BLOCK_N, warps, stages) below each")
+    print(f"{'batch':>5} {'cache':>7} {'gqa us':>8} " + " ".join(f"{f'w{w} c{c}':>14}" for w, c in settings))
+    rows = []
+    for b in args.batch:
+        for n in args.cache:
+            torch.cuda.empty_cache()
+            q, k, v = make_inputs(args, b, n)
+            t_gqa = bench(gqa, q, k, v)
+            cells, notes = [], []
+            for w, c in settings:
+                td._WAVES, td._MIN_CHUNK = w, c
+                td._decode_split_tuned.cache.clear()
+                t = bench(mem, q, k, v)
+                splits, _ = td.num_splits(b * args.hkv, n, sms)
+                bc = td._decode_split_tuned.best_config
+                cells.append(f"{t_gqa / t:13.2f}x")
+                note = f"s{splits} {bc.kwargs['BLOCK_N']}/{bc.num_warps}/{bc.num_stages}"
+                notes.append(f"{note:>14}")
+                rows.append(dict(batch=b, cache=n, waves=w, min_chunk=c, splits=splits, memattn_us=t * 1e3,
+                                 sdpa_gqa_us=t_gqa * 1e3, x_sdpa_gqa=t_gqa / t, block_n=bc.kwargs["BLOCK_N"],
+                                 warps=bc.num_warps, stages=bc.num_stages))
+            print(f"{b:>5} {n:>7} {t_gqa * 1e3:8.1f} " + " ".join(cells), flush=True)
+            print(f"{'':>22} " + " ".join(notes), flush=True)
+            del q, k, v
+    write_csv(rows, args.out, "decode_sweep.csv")
 
 
 def fmt_row(r):

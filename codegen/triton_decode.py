@@ -47,22 +47,24 @@ CHUNK_ALIGN = 128        # chunk lengths are multiples of this (the largest BLOC
 _MAX_ROWS = 64           # query rows (G * M) per program; more rows take another row block
 _MAX_SPLITS = 256
 _WAVES = 2               # aim for this many programs per SM (H100 sweep of 2, 4, 8: 2 was best)
+_MIN_CHUNK = 256         # keys per split at least: a one-tile chunk costs a program and a workspace row per tile
 
 
 @triton.jit
-def _decode_split(Q, K, V, Bias, Mask, Acc, ML,
+def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats,
                   stride_qz, stride_qh, stride_qm, stride_qd,
                   stride_kz, stride_kh, stride_kn, stride_kd,
                   stride_vz, stride_vh, stride_vn, stride_vd,
                   stride_bz, stride_bh, stride_bm, stride_bn,
                   stride_mz, stride_mh, stride_mm, stride_mn,
-                  HKV, G, M, N, D, DV, R, CHUNK, SPLITS, ROWS_PAD,
+                  stride_oz, stride_oh, stride_om, stride_od,
+                  HKV, G, M, N, D, DV, R, CHUNK, SPLITS, ROWS_PAD, ZHM,
                   qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr,
-                  SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, BUCKET_N,
-                  BLOCK_N: tl.constexpr):
+                  SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, DIRECT: tl.constexpr,
+                  SAFE_SOFTMAX: tl.constexpr, BUCKET_N, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_R >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     pid_s = tl.program_id(0)
     pid_zk = tl.program_id(1)
@@ -100,12 +102,36 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML,
                                   softcap_out, fill2, causal_offset, 0.0, 1.0,
                                   BLOCK_N, BLOCK_D, BLOCK_DV, False, EVEN_N, EVEN_D, EVEN_DV, IS_CAUSAL, HAS_BIAS,
                                   HAS_MASK, MASK_KEEP, False, SOFTCAP, NATURAL, DOT_PREC)
-    # workspace rows: ((zk * SPLITS + s) * ROWS_PAD + r); every program writes all its rows, empty splits included
-    ws_row = (pid_zk.to(tl.int64) * SPLITS + pid_s) * ROWS_PAD + r
-    a_ptrs = Acc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :]
-    tl.store(a_ptrs, acc, mask=valid[:, None])
-    tl.store(ML + 2 * ws_row, m_i, mask=valid)
-    tl.store(ML + 2 * ws_row + 1, l_i, mask=valid)
+    if DIRECT:  # one split: this program saw every key of its rows, so it writes the output itself
+        o_ptrs = (Out + off_z * stride_oz + off_h[:, None] * stride_oh + rows[:, None] * stride_om
+                  + offs_dv[None, :] * stride_od)
+        st = (off_z * (HKV * G) + off_h) * M + rows   # stats [2, Z, H, M]
+        _write_rows(acc, l_i[:, None], l_i, m_i, o_ptrs, valid[:, None] & (offs_dv[None, :] < DV), Stats + st,
+                    valid, ZHM, SAFE_SOFTMAX, NATURAL)
+    else:
+        # workspace rows: ((zk * SPLITS + s) * ROWS_PAD + r); every program writes all its rows, empty splits too
+        ws_row = (pid_zk.to(tl.int64) * SPLITS + pid_s) * ROWS_PAD + r
+        a_ptrs = Acc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :]
+        tl.store(a_ptrs, acc, mask=valid[:, None])
+        tl.store(ML + 2 * ws_row, m_i, mask=valid)
+        tl.store(ML + 2 * ws_row + 1, l_i, mask=valid)
+
+
+@triton.jit
+def _write_rows(acc, l_b, l, m, o_ptrs, o_mask, st_ptrs, st_mask, ZHM, SAFE_SOFTMAX: tl.constexpr,
+                NATURAL: tl.constexpr):
+    """out = acc / l and the stats (row max in natural units, log l) of finished rows. ``l_b`` is ``l`` shaped to
+    broadcast against ``acc``. l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives (0 with SAFE_SOFTMAX)."""
+    o = acc / l_b
+    if SAFE_SOFTMAX:
+        o = tl.where(l_b == 0.0, 0.0, o)
+    if NATURAL:
+        m_nat = m
+    else:
+        m_nat = m * 0.6931471805599453
+    tl.store(o_ptrs, o.to(o_ptrs.dtype.element_ty), mask=o_mask)
+    tl.store(st_ptrs, m_nat, mask=st_mask)
+    tl.store(st_ptrs + ZHM, tl.log2(l) * 0.6931471805599453, mask=st_mask)
 
 
 @triton.jit
@@ -141,18 +167,9 @@ def _decode_combine(Acc, ML, Out, Stats,
         a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
         acc += tl.sum(a * w[:, None], 0)
     l = tl.sum(l_blk, 0)
-    o = acc / l  # l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives
-    if SAFE_SOFTMAX:
-        o = tl.where(l == 0.0, 0.0, o)
-    if NATURAL:
-        m_nat = m
-    else:
-        m_nat = m * 0.6931471805599453
     o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + row * stride_om + offs_dv * stride_od
-    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=offs_dv < DV)
     st = (off_z * (HKV * G) + off_h) * M + row   # stats [2, Z, H, M]
-    tl.store(Stats + st, m_nat)
-    tl.store(Stats + ZHM + st, tl.log2(l) * 0.6931471805599453)
+    _write_rows(acc, l, l, m, o_ptrs, offs_dv < DV, Stats + st, True, ZHM, SAFE_SOFTMAX, NATURAL)
 
 
 def _cfg(bn, w, s):
@@ -175,7 +192,7 @@ def _prune_split(configs, named_args, **kwargs):
 
 _decode_split_tuned = triton.autotune(
     _SPLIT_CONFIGS, key=["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK",
-                         "SOFTCAP", "DOT_PREC"],  # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
+                         "SOFTCAP", "DOT_PREC", "DIRECT"],  # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
     prune_configs_by={"early_config_prune": _prune_split})(_decode_split)
 
 
@@ -185,11 +202,16 @@ def _sm_count(device) -> int:
     return 4  # the interpreter: a few splits, so tests cross chunk edges
 
 
-def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN) -> tuple[int, int]:
+def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN,
+               min_chunk: int | None = None) -> tuple[int, int]:
     """(splits, chunk): enough programs for ``_WAVES`` per SM, chunks a multiple of ``align`` (so no key tile
-    straddles two chunks), never a chunk past the cache's end."""
-    max_splits = max(1, triton.cdiv(n, align))
+    straddles two chunks) and at least ``min_chunk`` keys (default ``_MIN_CHUNK``) unless the cache is shorter,
+    never a chunk past the cache's end. One split means no workspace and no combine launch."""
+    min_chunk = max(align, _MIN_CHUNK if min_chunk is None else min_chunk)
+    max_splits = max(1, n // min_chunk)
     splits = min(max_splits, _MAX_SPLITS, max(1, triton.cdiv(_WAVES * sms, max(programs, 1))))
+    if splits == 1:
+        return 1, triton.cdiv(n, align) * align
     chunk = max(align, triton.cdiv(n, splits) // align * align)  # rounded down: at least the splits asked for
     if triton.cdiv(n, chunk) > _MAX_SPLITS:
         chunk = triton.cdiv(triton.cdiv(n, _MAX_SPLITS), align) * align
@@ -227,25 +249,34 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     row_blocks = triton.cdiv(rows, block_r)
     fixed = tp._fixed_config()
     align = CHUNK_ALIGN if fixed is None else fixed["BLOCK_N"]
-    splits, chunk = num_splits(z * hkv * row_blocks, n, _sm_count(q.device), align)
+    splits, chunk = num_splits(z * hkv * row_blocks, n, _sm_count(q.device), align,
+                               None if fixed is None else align)
     rows_pad = row_blocks * block_r
     block_dv = c["flags"]["BLOCK_DV"]
-    acc = torch.empty((z * hkv, splits, rows_pad, block_dv), dtype=torch.float32, device=q.device)
-    ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    if direct:  # the split kernel writes out and stats; no workspace (the pointers are never read)
+        acc = ml = stats
+    else:
+        acc = torch.empty((z * hkv, splits, rows_pad, block_dv), dtype=torch.float32, device=q.device)
+        ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
     flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
-                                           "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC")}
+                                           "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC",
+                                           "SAFE_SOFTMAX")}
     scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
-    args = (q, k, v, c["b4"], c["m4"], acc, ml,
-            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"],
-            hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad)
+    args = (q, k, v, c["b4"], c["m4"], acc, ml, out, stats,
+            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
+            hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
     grid = (splits, z * hkv, row_blocks)
     if fixed is None:
         _decode_split_tuned[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0,
-                                  BUCKET_N=tp._bucket(n))
+                                  DIRECT=direct, BUCKET_N=tp._bucket(n))
     else:
         bn = fixed["BLOCK_N"]
-        _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, BUCKET_N=tp._bucket(n),
-                            BLOCK_N=bn, num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])
+        _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, DIRECT=direct,
+                            BUCKET_N=tp._bucket(n), BLOCK_N=bn, num_warps=fixed["num_warps"],
+                            num_stages=fixed["num_stages"])
+    if direct:
+        return out, stats
     _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,
                                      z * h * m, BLOCK_S=min(32, max(2, triton.next_power_of_2(splits))),
                                      BLOCK_DV=block_dv, SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"],

@@ -157,6 +157,36 @@ def test_kernel_fully_masked_rows(fill, safe):
 
 
 @kernel_test
+@pytest.mark.parametrize("case", ["ragged", "rowblocks", "causal", "bf16_d80", "masked_nan", "masked_safe"])
+def test_kernel_one_split_writes_the_output_itself(monkeypatch, case):
+    """With one split (many programs already, or a short cache) the split kernel normalises and writes out and
+    stats itself: no workspace and no combine launch. Same answers as the combine path, fully-masked rows too."""
+    from attn_compiler.codegen import triton_decode as td
+
+    class _NoCombine:
+        def __getitem__(self, grid):
+            raise AssertionError("the combine kernel ran for a single split")
+    monkeypatch.setattr(td, "_sm_count", lambda device: 0)  # no programs wanted beyond batch x kv heads: 1 split
+    monkeypatch.setattr(td, "_decode_combine", _NoCombine())
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1] = False
+    if case == "ragged":
+        run_case(2, 4, 4, 1, 77, 32)
+    elif case == "rowblocks":
+        run_case(1, 16, 1, 5, 40, 32)
+    elif case == "causal":
+        run_case(1, 4, 2, 3, 64, 16, sp=spec(causal=True, causal_offset=10))
+    elif case == "bf16_d80":
+        run_case(1, 4, 2, 1, 33, 80, BF16)
+    elif case == "masked_nan":
+        out = run_case(2, 4, 2, 1, 40, 16, mask=mask)
+        assert out[1].isnan().all() and torch.isfinite(out[0]).all()
+    else:
+        out = run_case(2, 4, 2, 1, 40, 16, mask=mask, sp=spec(safe_softmax=True))
+        assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
+
+
+@kernel_test
 def test_kernel_stats_feed_the_prefill_backward():
     """A decode call's stats drive the (prefill) backward: gradients through the op equal the reference's."""
     from attn_compiler.codegen import triton_prefill
@@ -194,11 +224,15 @@ def test_kernel_dispatch_routes_by_query_length(monkeypatch):
 
 def test_num_splits_fill_the_machine_and_cover_the_cache():
     from attn_compiler.codegen import triton_decode as td
-    for programs, n, sms in ((8, 1024, 132), (8, 131072, 132), (512, 4096, 132), (1, 100, 132), (64, 16384, 132)):
+    for programs, n, sms in ((8, 1024, 132), (8, 131072, 132), (512, 4096, 132), (1, 100, 132), (64, 16384, 132),
+                             (64, 1024, 132), (1, 300, 132), (264, 65536, 132)):
         splits, chunk = td.num_splits(programs, n, sms)
         assert chunk % td.CHUNK_ALIGN == 0 and (splits - 1) * chunk < n <= splits * chunk
         assert splits <= 256
-        assert programs * splits >= min(td._WAVES * sms, programs * min(256, -(-n // td.CHUNK_ALIGN)))
+        assert splits == 1 or chunk >= td._MIN_CHUNK  # no chunk shorter than the floor unless the cache is
+        assert programs * splits >= min(td._WAVES * sms, programs * min(256, max(1, n // td._MIN_CHUNK)))
+    assert td.num_splits(264, 65536, 132) == (1, 65536)  # 2 programs per SM already: one split, no combine
+    assert td.num_splits(8, 1024, 132, min_chunk=128) == (8, 128)
 
 
 # ---------------------------------------------------------------------------------------------- generation loops
