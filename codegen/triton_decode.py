@@ -35,6 +35,8 @@ every autotuned BLOCK_N divides them).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -46,8 +48,9 @@ from .reference import Spec
 CHUNK_ALIGN = 128        # chunk lengths are multiples of this (the largest BLOCK_N)
 _MAX_ROWS = 64           # query rows (G * M) per program; more rows take another row block
 _MAX_SPLITS = 256
-_WAVES = 2               # aim for this many programs per SM (H100 sweep of 2, 4, 8: 2 was best)
-_MIN_CHUNK = 256         # keys per split at least: a one-tile chunk costs a program and a workspace row per tile
+_WAVES = 2               # programs resident per SM that the split count plans for (see num_splits)
+_MIN_CHUNK = 128         # keys per split at least (an H100 sweep of 128/256/512: 128, one tile, was never worse)
+_WAVE_EFF = 0.85         # the fewest splits whose last wave is at least this full, relative to the best count
 
 
 @triton.jit
@@ -199,23 +202,34 @@ _decode_split_tuned = triton.autotune(
 def _sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so tests cross chunk edges
+    return 16  # the interpreter: a few splits for a test's handful of heads, so tests cross chunk edges
 
 
 def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN,
                min_chunk: int | None = None) -> tuple[int, int]:
-    """(splits, chunk): enough programs for ``_WAVES`` per SM, chunks a multiple of ``align`` (so no key tile
-    straddles two chunks) and at least ``min_chunk`` keys (default ``_MIN_CHUNK``) unless the cache is shorter,
-    never a chunk past the cache's end. One split means no workspace and no combine launch."""
+    """(splits, chunk) for ``programs`` = batch x KV heads x row blocks over a cache of ``n`` keys.
+
+    The machine runs ``_WAVES * sms`` programs at once. Splitting s ways makes programs * s programs: s waves'
+    worth, the last one partly idle. Take the fewest splits whose wave efficiency (full waves / waves started) is
+    within ``_WAVE_EFF`` of the best count's: with programs enough to fill the machine that is 1 (no workspace and
+    no combine launch), with a few it is enough splits to fill it. (An H100 sweep, benchmarks/decode.py --sweep,
+    found fewer splits never slower at equal efficiency: each split adds a partial to write and combine.)
+    Chunks are a multiple of ``align`` (no key tile straddles two chunks) and at least ``min_chunk`` keys (default
+    ``_MIN_CHUNK``) unless the cache is shorter; the last chunk never starts past the cache's end."""
     min_chunk = max(align, _MIN_CHUNK if min_chunk is None else min_chunk)
-    max_splits = max(1, n // min_chunk)
-    splits = min(max_splits, _MAX_SPLITS, max(1, triton.cdiv(_WAVES * sms, max(programs, 1))))
-    if splits == 1:
-        return 1, triton.cdiv(n, align) * align
-    chunk = max(align, triton.cdiv(n, splits) // align * align)  # rounded down: at least the splits asked for
-    if triton.cdiv(n, chunk) > _MAX_SPLITS:
-        chunk = triton.cdiv(triton.cdiv(n, _MAX_SPLITS), align) * align
-    return triton.cdiv(n, chunk), chunk
+    max_splits = min(_MAX_SPLITS, max(1, n // min_chunk))
+    slots = max(1, _WAVES * sms)
+    programs = max(programs, 1)
+
+    def option(s):  # s splits asked for: chunks rounded up to the alignment, which may need fewer
+        chunk = triton.cdiv(triton.cdiv(n, s), align) * align
+        splits = triton.cdiv(n, chunk)
+        waves = programs * splits / slots
+        return waves / math.ceil(waves), splits, chunk
+    options = [option(s) for s in range(1, max_splits + 1)]
+    best = max(o[0] for o in options)
+    _, splits, chunk = next(o for o in options if o[0] >= _WAVE_EFF * best)
+    return splits, chunk
 
 
 def supports(*args):

@@ -223,16 +223,26 @@ def test_kernel_dispatch_routes_by_query_length(monkeypatch):
 
 
 def test_num_splits_fill_the_machine_and_cover_the_cache():
+    """Chunks cover the cache in aligned pieces; the split count is the fewest whose waves are nearly as full as
+    the best count's: one split once batch x heads fill the machine, enough to fill it otherwise."""
+    import math
     from attn_compiler.codegen import triton_decode as td
-    for programs, n, sms in ((8, 1024, 132), (8, 131072, 132), (512, 4096, 132), (1, 100, 132), (64, 16384, 132),
-                             (64, 1024, 132), (1, 300, 132), (264, 65536, 132)):
-        splits, chunk = td.num_splits(programs, n, sms)
+    slots = td._WAVES * 132
+
+    def eff(programs, splits):
+        return programs * splits / slots / math.ceil(programs * splits / slots)
+    for programs, n in ((8, 1024), (8, 131072), (512, 4096), (1, 100), (64, 16384), (64, 1024), (1, 300),
+                        (264, 65536), (140, 8192), (8, 4096), (3, 1000)):
+        splits, chunk = td.num_splits(programs, n, 132)
         assert chunk % td.CHUNK_ALIGN == 0 and (splits - 1) * chunk < n <= splits * chunk
-        assert splits <= 256
-        assert splits == 1 or chunk >= td._MIN_CHUNK  # no chunk shorter than the floor unless the cache is
-        assert programs * splits >= min(td._WAVES * sms, programs * min(256, max(1, n // td._MIN_CHUNK)))
+        assert splits <= 256 and (splits == 1 or chunk >= td._MIN_CHUNK)
+        if n // td._MIN_CHUNK >= 256:  # any split count was possible: the machine is (nearly) full every wave
+            assert eff(programs, splits) >= 0.8, (programs, n, splits)
     assert td.num_splits(264, 65536, 132) == (1, 65536)  # 2 programs per SM already: one split, no combine
-    assert td.num_splits(8, 1024, 132, min_chunk=128) == (8, 128)
+    assert td.num_splits(512, 4096, 132) == (1, 4096)
+    assert td.num_splits(8, 1024, 132) == (8, 128)       # 8 programs: as many splits as the cache has tiles
+    assert td.num_splits(64, 1024, 132) == (4, 256)      # 256 of 264 slots
+    assert td.num_splits(1, 100, 132) == (1, 128)
 
 
 # ---------------------------------------------------------------------------------------------- generation loops
