@@ -89,9 +89,37 @@ def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         if fake_mode is not None:
             fake_mode.allow_scalar_outputs = saved
     _restore_grad_mode(lowered.graph, interp.entry_grad)
+    _drop_identity_dropout_clones(lowered.graph)
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
     return lowered
+
+
+def _is_dropout(fn) -> bool:
+    if isinstance(fn, type):
+        return issubclass(fn, torch.nn.Dropout)
+    return fn in (torch.nn.functional.dropout, torch.dropout) or getattr(fn, "__name__", None) == "dropout"
+
+
+def _drop_identity_dropout_clones(graph: fx.Graph) -> None:
+    """A dropout that does nothing (p = 0, or eval mode) returns its input itself in eager, but its decomposition
+    traces as ``aten.clone``: a copy of the n x n probabilities that eager never makes, which the backward of the
+    following matmul would keep. Such clones (the whole of what a dropout call traced to) are replaced by their
+    input, so the graph, its memory estimate and what the rewrite replaces are eager's."""
+    by_call = {}   # the dropout call (its Dynamo node name, in source_fn_stack) -> the ATen nodes it traced to
+    for node in graph.nodes:
+        stack = node.meta.get("source_fn_stack") or []
+        if node.op == "call_function" and stack and _is_dropout(stack[-1][1]):
+            by_call.setdefault(stack[-1][0], []).append(node)
+    for nodes in by_call.values():
+        # a dropout that traced to more than a clone (p > 0: native_dropout, bernoulli, ...) is left alone
+        if len(nodes) != 1:
+            continue
+        node = nodes[0]
+        if node.target != torch.ops.aten.clone.default or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
 
 
 def _restore_grad_mode(graph: fx.Graph, entry: bool) -> None:

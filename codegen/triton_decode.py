@@ -54,7 +54,7 @@ _WAVE_EFF = 0.85         # the fewest splits whose last wave is at least this fu
 
 
 @triton.jit
-def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats,
+def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats, KDesc, VDesc,
                   stride_qz, stride_qh, stride_qm, stride_qd,
                   stride_kz, stride_kh, stride_kn, stride_kd,
                   stride_vz, stride_vh, stride_vn, stride_vd,
@@ -67,7 +67,7 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats,
                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr,
                   SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, DIRECT: tl.constexpr,
-                  SAFE_SOFTMAX: tl.constexpr, BUCKET_N, BLOCK_N: tl.constexpr):
+                  SAFE_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, BUCKET_N, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_R >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     pid_s = tl.program_id(0)
     pid_zk = tl.program_id(1)
@@ -99,12 +99,12 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats,
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = tp._fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rows, rows, offs_n,
-                                  offs_d, offs_dv, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, l_i, m_i = tp._fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, off_z.to(tl.int32),
+                                  off_hk.to(tl.int32), bias_base, mask_base, rows, rows, offs_n, offs_d, offs_dv, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                   softcap_out, fill2, causal_offset, 0.0, 1.0,
                                   BLOCK_N, BLOCK_D, BLOCK_DV, False, EVEN_N, EVEN_D, EVEN_DV, IS_CAUSAL, HAS_BIAS,
-                                  HAS_MASK, MASK_KEEP, False, SOFTCAP, NATURAL, DOT_PREC)
+                                  HAS_MASK, MASK_KEEP, False, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
     if DIRECT:  # one split: this program saw every key of its rows, so it writes the output itself
         o_ptrs = (Out + off_z * stride_oz + off_h[:, None] * stride_oh + rows[:, None] * stride_om
                   + offs_dv[None, :] * stride_od)
@@ -176,7 +176,7 @@ def _decode_combine(Acc, ML, Out, Stats,
 
 
 def _cfg(bn, w, s):
-    return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=tp.tma_block_hook)
 
 
 _SPLIT_CONFIGS = [_cfg(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
@@ -195,7 +195,7 @@ def _prune_split(configs, named_args, **kwargs):
 
 _decode_split_tuned = triton.autotune(
     _SPLIT_CONFIGS, key=["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK",
-                         "SOFTCAP", "DOT_PREC", "DIRECT"],  # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
+                         "SOFTCAP", "DOT_PREC", "DIRECT", "USE_TMA"],  # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
     prune_configs_by={"early_config_prune": _prune_split})(_decode_split)
 
 
@@ -277,18 +277,23 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
                                            "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC",
                                            "SAFE_SOFTMAX")}
     scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
-    args = (q, k, v, c["b4"], c["m4"], acc, ml, out, stats,
-            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
-            hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
     grid = (splits, z * hkv, row_blocks)
-    if fixed is None:
-        _decode_split_tuned[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0,
-                                  DIRECT=direct, BUCKET_N=tp._bucket(n))
-    else:
-        bn = fixed["BLOCK_N"]
-        _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, DIRECT=direct,
-                            BUCKET_N=tp._bucket(n), BLOCK_N=bn, num_warps=fixed["num_warps"],
-                            num_stages=fixed["num_stages"])
+
+    def launch(kdesc, vdesc, use_tma):
+        args = (q, k, v, c["b4"], c["m4"], acc, ml, out, stats, kdesc, vdesc,
+                *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
+                hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
+        if fixed is None:
+            _decode_split_tuned[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0,
+                                      DIRECT=direct, USE_TMA=use_tma, BUCKET_N=tp._bucket(n))
+        else:
+            bn = fixed["BLOCK_N"]
+            if use_tma:
+                tp.tma_block_hook(dict(USE_TMA=True, KDesc=kdesc, VDesc=vdesc, BLOCK_N=bn, **flags))
+            _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, DIRECT=direct,
+                                USE_TMA=use_tma, BUCKET_N=tp._bucket(n), BLOCK_N=bn, num_warps=fixed["num_warps"],
+                                num_stages=fixed["num_stages"])
+    tp.launch_with_tma_fallback(launch, k, v)
     if direct:
         return out, stats
     _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,

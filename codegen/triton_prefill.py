@@ -58,11 +58,18 @@ import contextlib
 import math
 import os
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
 from .reference import Spec
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -201,28 +208,32 @@ def _prob(s, mrow, lrow, NATURAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, bias_base, mask_base, rh, offs_m,
+               offs_n, offs_d, offs_dv,
                lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
                M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-               NATURAL: tl.constexpr, DOT_PREC: tl.constexpr):
+               NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
     rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols_1d = start_n + offs_n
         cols = cols_1d[None, :]
-        kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
-        if EVEN_N and EVEN_D:
-            kt = tl.load(kt_ptrs)
-        elif EVEN_N:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
-        elif EVEN_D:
-            kt = tl.load(kt_ptrs, mask=cols < N, other=0.0)
+        if USE_TMA:  # TMA copy of the [BLOCK_N, BLOCK_D] tile: keys past N and dims past D read as 0
+            kt = tl.trans(k_desc.load([tma_z, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
         else:
-            kt = tl.load(kt_ptrs, mask=(cols < N) & (offs_d[:, None] < D), other=0.0)
+            kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+            if EVEN_N and EVEN_D:
+                kt = tl.load(kt_ptrs)
+            elif EVEN_N:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
+            elif EVEN_D:
+                kt = tl.load(kt_ptrs, mask=cols < N, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs, mask=(cols < N) & (offs_d[:, None] < D), other=0.0)
         qk = _dot(q, kt, None, DOT_PREC)
         s, _t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
                         qk_scale, softcap_in, softcap_out, fill2, causal_offset,
@@ -235,15 +246,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = p * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
-        v_ptrs = v_base + cols_1d[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BLOCK_N, BLOCK_DV]
-        if EVEN_N and EVEN_DV:
-            v = tl.load(v_ptrs)
-        elif EVEN_N:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
-        elif EVEN_DV:
-            v = tl.load(v_ptrs, mask=cols_1d[:, None] < N, other=0.0)
+        if USE_TMA:
+            v = v_desc.load([tma_z, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
-            v = tl.load(v_ptrs, mask=(cols_1d[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
+            v_ptrs = v_base + cols_1d[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BLOCK_N, BLOCK_DV]
+            if EVEN_N and EVEN_DV:
+                v = tl.load(v_ptrs)
+            elif EVEN_N:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+            elif EVEN_DV:
+                v = tl.load(v_ptrs, mask=cols_1d[:, None] < N, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=(cols_1d[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
         m_i = m_new
@@ -251,7 +265,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats,
+def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
               stride_qz, stride_qh, stride_qm, stride_qd,
               stride_kz, stride_kh, stride_kn, stride_kd,
               stride_vz, stride_vh, stride_vn, stride_vd,
@@ -265,7 +279,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
-              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "head dims are padded to at least 16 for tl.dot")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:  # the longest rows first: better tail balance across SMs
@@ -293,6 +307,8 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats,
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
     k_base = K + off_z * stride_kz + off_hk * stride_kh
     v_base = V + off_z * stride_vz + off_hk * stride_vh
+    tma_z = off_z.to(tl.int32)    # descriptor coordinates (USE_TMA)
+    tma_h = off_hk.to(tl.int32)
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
     mask_base = Mask + off_z * stride_mz + off_h * stride_mh
     if HAS_DROPOUT:
@@ -308,25 +324,28 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats,
         # keys past hi are masked for every row of the block; keys below lo_mask are allowed for every row
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                   mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                   mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
     else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, mask_base, rh, offs_m, offs_n,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                   mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
     o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
         o = tl.where((l_i == 0.0)[:, None], 0.0, o)
@@ -692,7 +711,15 @@ def _arg(named_args, kwargs, name):
     return kwargs[name] if name in kwargs else named_args[name]
 
 
-_FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+def tma_block_hook(nargs):
+    """Autotune pre-hook: a TMA descriptor's box is the tile of the config about to run."""
+    if nargs.get("USE_TMA"):
+        nargs["KDesc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+        nargs["VDesc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
+
+
+_FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=tma_block_hook)
+                for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -752,8 +779,8 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 _KEY = ["BUCKET_M", "BUCKET_N", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT", "SOFTCAP"]
-_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
-    _attn_fwd)
+_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["USE_TMA"],
+                                  prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS"], reset_to_zero=["DBias"],
                                        prune_configs_by={"early_config_prune": _prune_dkdv})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
@@ -794,7 +821,67 @@ def _launch(tuned, raw, grid_fn, args, kwargs):
     if cfg is None:
         tuned[grid_fn](*args, **kwargs)
     else:
+        if kwargs.get("USE_TMA"):
+            tma_block_hook({**dict(zip(raw.arg_names, args)), **kwargs, **cfg})
         raw[grid_fn(cfg)](*args, **kwargs, **cfg)
+
+
+# TMA (Hopper and later): the forward kernels' K/V tiles are copied by the tensor memory accelerator through a
+# descriptor of the whole [Z, Hkv, N, D] tensor instead of pointer loads; rows past N and dims past D read as 0,
+# exactly what the masked loads give. MEMATTN_TMA=0 turns it off, =1 turns it on wherever the layout allows (the
+# interpreter included, which is how CPU tests reach it); the default is on for compute capability >= 9.
+_tma_failed = False
+
+
+def _tma_wanted(device) -> bool:
+    mode = os.environ.get("MEMATTN_TMA", "auto")
+    if TensorDescriptor is None or mode == "0" or _tma_failed:
+        return False
+    if _interpret():
+        return mode == "1"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_desc(t):
+    """A 4-D descriptor of ``t`` (box set later, per config), or None when TMA cannot address it: the last dim
+    must be contiguous and the base and every other stride 16-byte aligned (a size-1 dim's stride is never
+    stepped, so an unaligned one is replaced)."""
+    elt = t.element_size()
+    if t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return None
+    strides = []
+    for size, st in zip(t.shape[:-1], t.stride()[:-1]):
+        if size == 1 and (st <= 0 or st * elt % 16):
+            st = 16 // elt
+        if st <= 0 or st * elt % 16:
+            return None
+        strides.append(st)
+    return TensorDescriptor(t, list(t.shape), strides + [1], [1, 1, 16, 16])
+
+
+def tma_descs(k, v):
+    """(k descriptor, v descriptor, True), or (k, v, False) when TMA is off or either layout rules it out."""
+    if _tma_wanted(k.device) and min(k.shape) > 0:
+        kd, vd = _tma_desc(k), _tma_desc(v)
+        if kd is not None and vd is not None:
+            return kd, vd, True
+    return k, v, False
+
+
+def launch_with_tma_fallback(launch, k, v):
+    """Run ``launch(k_desc, v_desc, use_tma)``; if a TMA launch fails to compile or encode, warn once, turn TMA off
+    for the process and run the pointer-load kernel instead."""
+    global _tma_failed
+    kd, vd, use = tma_descs(k, v)
+    if not use:
+        return launch(k, v, False)
+    try:
+        return launch(kd, vd, True)
+    except Exception as e:  # noqa: BLE001 - any compile/encode failure: the pointer path computes the same
+        _tma_failed = True
+        warnings.warn(f"memattn: the TMA variant of the attention kernels failed ({type(e).__name__}: {e}); "
+                      "using pointer loads from now on", RuntimeWarning, stacklevel=3)
+        return launch(k, v, False)
 
 
 # ------------------------------------------------------------------------------------------------------- host side
@@ -918,14 +1005,17 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     if n == 0:  # softmax over no keys: eager's p @ v sums nothing
         return out.zero_(), stats.fill_(float("-inf"))
     fixed = _fixed_config()
-    args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats,
-            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
-            h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
     kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
-    _launch(_attn_fwd_tuned, _attn_fwd, grid, args, kwargs)
+
+    def launch(kdesc, vdesc, use_tma):
+        args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats, kdesc, vdesc,
+                *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
+                h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
+        _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma))
+    launch_with_tma_fallback(launch, k, v)
     return out, stats
 
 

@@ -48,15 +48,20 @@ IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 
 @pytest.fixture(autouse=True)
 def _where_to_run(request):
-    if not IN_PROCESS and request.node.name != "test_interpreted_in_subprocess":
+    if not IN_PROCESS and not request.node.name.startswith("test_interpreted_in_subprocess"):
         pytest.skip("no CUDA: runs under TRITON_INTERPRET=1 in test_interpreted_in_subprocess")
 
 
-def test_interpreted_in_subprocess():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
+def test_interpreted_in_subprocess(tma):
+    """The whole file under the interpreter; then the flag grid and head dims again with the forward kernels'
+    K/V tiles read through TMA descriptors (MEMATTN_TMA=1; on a GPU that path is the default from Hopper on)."""
     if IN_PROCESS:
         pytest.skip("kernels run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", MEMATTN_TMA="1" if tma else "0")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    if tma:
+        cmd += ["-k", "flag_grid or head_dims or tma"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"interpreted run failed:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
     assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
@@ -324,6 +329,31 @@ def test_dropout_drops_the_reference_elements(tp):
     keep = keep_full(z, h, m, n, seed, p, DEV)
     assert torch.equal(out != 0, keep), mismatch("keep", (out != 0).double(), keep.double())
     torch.testing.assert_close(out[keep], torch.full_like(out[keep], 1.0 / (n * (1 - p))))
+
+
+def test_tma_descriptors_where_the_layout_allows(tp, monkeypatch):
+    """With TMA asked for, K/V in a [Z, N, H, D] buffer (permuted, 16-byte aligned strides) are read through
+    descriptors, ragged N and a padded head dim included; an unaligned layout falls back to pointer loads. Both
+    agree with the fp64 reference."""
+    from attn_compiler.codegen.reference import attention_forward
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    monkeypatch.setenv("MEMATTN_TMA", "1")
+    monkeypatch.setattr(tp, "_tma_failed", False)
+    used = []
+    real = tp.tma_descs
+    monkeypatch.setattr(tp, "tma_descs", lambda k, v: (lambda r: used.append(r[2]) or r)(real(k, v)))
+    sp = Spec(scale=0.2, softcap=0.0, causal=True, causal_offset=3, mask_fill=float("-inf"), mask_keep=True,
+              dropout_p=0.0, safe_softmax=False)
+    g = torch.Generator().manual_seed(0)
+    for n, d, want_tma in ((29, 40, True), (29, 7, False)):   # d = 7 fp32: 28-byte row strides, not aligned
+        q = torch.randn(2, 4, 19, d, generator=g)
+        k, v = (torch.randn(2, n, 2, d, generator=g).transpose(1, 2) for _ in range(2))
+        truth, _ = attention_forward(q.double(), k.double(), v.double(), None, None, None, sp)
+        with _tiles(tp):
+            out, _ = tp.forward(*(t.to(DEV) for t in (q, k, v)), None, None, None, sp)
+        assert used[-1] is want_tma
+        torch.testing.assert_close(out.cpu().double(), truth, atol=1e-5, rtol=1e-4)
 
 
 def test_empty_lengths(tp):
