@@ -293,12 +293,21 @@ class Tally:
 
 class MaxOf:
     """Candidate peaks; keeps only those not dominated coefficient-wise (dominated ones are smaller at any sizes,
-    because every monomial of sizes is non-negative)."""
+    because every monomial of sizes is non-negative).
+
+    Past ``LIMIT`` candidates the rest are pruned, but never one that is the largest at a probe: the example sizes
+    scaled by 2**k (k up to 20), all symbols together and each alone. Keeping only the largest at the example sizes
+    would drop the n**2 candidates of a deep model whose example n is small, and the formula would then say a
+    fraction of the true peak at a long sequence."""
 
     LIMIT = 24
+    SCALES = tuple(2 ** k for k in range(0, 21, 2))
 
-    def __init__(self):
+    def __init__(self, hints: Optional[dict] = None):
         self.cands: list = []   # (terms, value at example sizes)
+        self.hints = {k: int(v) for k, v in (hints or {}).items()}
+        self._probes: Optional[list] = None
+        self._mono: dict = {}
 
     def offer(self, terms: dict, value: int) -> None:
         for other, _ in self.cands:
@@ -309,9 +318,37 @@ class MaxOf:
                       if not (all(terms.get(k, 0) - c >= 0 for k, c in o.items()) and
                               all(c >= 0 for k, c in terms.items() if k not in o))]
         self.cands.append((terms, value))
-        if len(self.cands) > self.LIMIT:   # keep the largest at the example sizes (then exact only near them)
-            self.cands.sort(key=lambda cv: -cv[1])
-            self.cands = self.cands[:self.LIMIT]
+        if len(self.cands) > self.LIMIT:
+            self._prune()
+
+    def _probe_points(self) -> list:
+        if self._probes is None:
+            syms = list(self.hints)
+            pts = [{s: self.hints[s] * f for s in syms} for f in self.SCALES]
+            if len(syms) > 1:
+                pts += [{**self.hints, s: self.hints[s] * f} for s in syms for f in self.SCALES[1:]]
+            self._probes = pts
+        return self._probes
+
+    def _mono_values(self, mono) -> tuple:
+        vals = self._mono.get(mono)
+        if vals is None:
+            e = sympy.sympify(mono)
+            vals = self._mono[mono] = tuple(int(e.xreplace(p)) if e.free_symbols else int(e)
+                                            for p in self._probe_points())
+        return vals
+
+    def _prune(self) -> None:
+        probes = self._probe_points()
+        at = [[sum(c * self._mono_values(k)[i] for k, c in t.items()) for i in range(len(probes))]
+              for t, _ in self.cands]
+        keep = {max(range(len(self.cands)), key=lambda j: at[j][i]) for i in range(len(probes))}
+        by_value = sorted(range(len(self.cands)), key=lambda j: -self.cands[j][1])
+        for j in by_value:
+            if len(keep) >= self.LIMIT:
+                break
+            keep.add(j)
+        self.cands = [self.cands[j] for j in sorted(keep)]
 
     def expr(self) -> sympy.Expr:
         exprs = [sympy.Add(*[c * k for k, c in t.items()]) for t, _ in self.cands] or [sympy.Integer(0)]
@@ -477,7 +514,7 @@ def _walk_forward(values: Values, tally: Tally, offer) -> set:
 
 
 def inference_peak(values: Values, hints: dict, symbolic: bool = True) -> Peak:
-    tally, best = Tally(hints, symbolic), MaxOf()
+    tally, best = Tally(hints, symbolic), MaxOf(hints)
     top = [-1, ""]
 
     def offer(node):
@@ -541,7 +578,7 @@ def training_peak(values: Values, rg: dict, saved: Saved, hints: dict, plan: Opt
         else:
             hold.setdefault(sid, set()).update(readers)
     keep = _graph_outputs(values)
-    tally, best = Tally(hints, symbolic, values.__dict__.setdefault("tally_cache", {})), MaxOf()
+    tally, best = Tally(hints, symbolic, values.__dict__.setdefault("tally_cache", {})), MaxOf(hints)
     top = [-1, "", ""]
 
     def offer(where, phase):
@@ -708,7 +745,7 @@ def split_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, bw_
     graph, whose saved inputs are freed after their last use when ``bw_frees_inputs`` (boxed calling convention)."""
     hints = shape_hints(fw.graph) or shape_hints(bw.graph)
     fv, bv = Values(fw.graph), Values(bw.graph)
-    tally, best = Tally(hints), MaxOf()
+    tally, best = Tally(hints), MaxOf(hints)
     top = [-1, "", ""]
 
     def offer(where, phase):

@@ -27,11 +27,14 @@ Kernel flags (tl.constexpr, decided on the host; the flags shared with prefill m
     BLOCK_D/DV, EVEN_D/DV, IS_CAUSAL (applied on every tile: a decode step has at most 16 rows, and keys past the
     last row's diagonal are cut from the chunk's range), HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, NATURAL, DOT_PREC
                        as in triton_prefill; dropout is not a decode flag (such calls run the prefill kernel)
-    BLOCK_S            combine: splits reduced per step; SAFE_SOFTMAX as in prefill
+    DIRECT             one split: the split kernel normalises its rows and writes out and stats itself (no
+                       workspace, no combine launch); SAFE_SOFTMAX as in prefill
+    USE_TMA            K/V tiles through TMA descriptors, as in prefill
+    BLOCK_S            combine: splits reduced per step
 
-The number of splits is chosen on the host from batch, KV heads, row blocks, cache length and the SM count: enough
-programs for a few waves, never a chunk shorter than one key tile (chunks are multiples of ``CHUNK_ALIGN`` so that
-every autotuned BLOCK_N divides them).
+The number of splits is chosen on the host from batch, KV heads, row blocks, cache length and the SM count
+(``num_splits``): the fewest whose waves are nearly as full as the best count's, never a chunk shorter than one key
+tile (chunks are multiples of ``CHUNK_ALIGN`` so that every autotuned BLOCK_N divides them).
 """
 from __future__ import annotations
 

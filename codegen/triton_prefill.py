@@ -43,6 +43,10 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
                        of finfo.min would overflow to -inf once scaled by log2(e), and a row masked everywhere
                        with it must still give 1/N; exp(s - m) is then computed as exp2((s - m) * log2(e)), one
                        more multiply per score. Without it log2(e) is folded into the scale (the fast path)
+    USE_TMA            forward kernels (this file's _attn_fwd and the decode split kernel): K/V tiles are copied by
+                       the TMA unit through 4-D tensor descriptors (KDesc, VDesc) instead of pointer loads; tiles
+                       past N or D read as 0, as the masked loads give, so the score masks are unchanged. Set on
+                       the host where the layout allows it (see tma_descs; MEMATTN_TMA overrides)
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
