@@ -12,7 +12,8 @@ few dozen programs on a 132-SM GPU; and GQA heads each re-read their KV head. He
                      query heads times M query positions, padded to BLOCK_R >= 16 for tl.dot). The cache is read
                      once per group, never repeated. Online softmax over the chunk's key tiles; writes the
                      partial (acc [R, Dv], row max m, row sum l) in fp32 to a workspace.
-    _decode_combine  grid (z * hkv, rows of the group): one program per query row. Rescales the splits' partials to the global row max and sums:
+    _decode_combine  grid (z * hkv, rows of the group): one program per query row. Rescales the splits' partials
+                     to the global row max and sums:
                      out = sum_s acc_s * e^(m_s - m) / sum_s l_s * e^(m_s - m). A split with no keys (past the
                      cache length, above the causal diagonal, or masked everywhere with -inf) has m_s = -inf and
                      contributes exactly 0 (the global max is made finite first: no -inf - -inf). A row with no
@@ -52,8 +53,8 @@ CHUNK_ALIGN = 128        # chunk lengths are multiples of this (the largest BLOC
 _MAX_ROWS = 64           # query rows (G * M) per program; more rows take another row block
 _MAX_SPLITS = 256
 _WAVES = 2               # programs resident per SM that the split count plans for (see num_splits)
-_MIN_CHUNK = 128         # keys per split at least (an H100 sweep of 128/256/512: 128, one tile, was never worse)
-_WAVE_EFF = 0.85         # the fewest splits whose last wave is at least this full, relative to the best count
+_MIN_CHUNK = 128         # keys per split at least (H100 sweep of 128/256/512: 128 best or within noise everywhere)
+_WAVE_EFF = 0.85         # take the fewest splits whose wave efficiency is at least this times the best count's
 
 
 @triton.jit
@@ -103,7 +104,8 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats, KDesc, VDesc,
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = tp._fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, off_z.to(tl.int32),
-                                  off_hk.to(tl.int32), bias_base, mask_base, rows, rows, offs_n, offs_d, offs_dv, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  off_hk.to(tl.int32), bias_base, mask_base, rows, rows, offs_n, offs_d, offs_dv,
+                                  lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                   softcap_out, fill2, causal_offset, 0.0, 1.0,
                                   BLOCK_N, BLOCK_D, BLOCK_DV, False, EVEN_N, EVEN_D, EVEN_DV, IS_CAUSAL, HAS_BIAS,
@@ -198,7 +200,8 @@ def _prune_split(configs, named_args, **kwargs):
 
 _decode_split_tuned = triton.autotune(
     _SPLIT_CONFIGS, key=["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK",
-                         "SOFTCAP", "DOT_PREC", "DIRECT", "USE_TMA"],  # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
+                         # DOT_PREC: fp32 tiles take twice the shared memory (see the prune)
+                         "SOFTCAP", "DOT_PREC", "DIRECT", "USE_TMA"],
     prune_configs_by={"early_config_prune": _prune_split})(_decode_split)
 
 

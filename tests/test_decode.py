@@ -3,9 +3,10 @@ and decode sites in real generation loops (HF transformers dynamic and static ca
 a cache written in place is tests/test_hf_models.py::test_gpt_fast_prefill_and_decode).
 
 The kernel tests run on CUDA in this process, or on a CPU-only machine under TRITON_INTERPRET=1 in a child pytest
-(see tests/test_triton_prefill.py for why the variable cannot be set in this process). The interpreter's SM count
-is 4 and its key tiles are 16 wide, so tiny caches are still split into several chunks, with ragged last chunks and
-chunks left empty by the causal bound. The model tests run in this process on any machine (the reference path on
+(see tests/test_triton_prefill.py for why the variable cannot be set in this process), once with pointer loads and
+once with K/V read through TMA descriptors (MEMATTN_TMA=1). The interpreter's SM count is 16 and its key tiles are
+16 wide, so tiny caches are still split into several chunks, with ragged last chunks and chunks left empty by the
+causal bound. The model tests run in this process on any machine (the reference path on
 the CPU, the decode kernel on CUDA).
 """
 from __future__ import annotations
@@ -31,11 +32,12 @@ kernel_test = pytest.mark.skipif(not IN_PROCESS, reason="no CUDA: runs under TRI
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
-def test_kernels_interpreted_in_subprocess():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
+def test_kernels_interpreted_in_subprocess(tma):
     if IN_PROCESS:
         pytest.skip("kernels run in this process")
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", MEMATTN_TMA="1" if tma else "0")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"interpreted run failed:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
