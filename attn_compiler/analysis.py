@@ -296,9 +296,10 @@ class MaxOf:
     because every monomial of sizes is non-negative).
 
     Past ``LIMIT`` candidates the rest are pruned, but never one that is the largest at a probe: the example sizes
-    scaled by 2**k (k up to 20), all symbols together and each alone. Keeping only the largest at the example sizes
-    would drop the n**2 candidates of a deep model whose example n is small, and the formula would then say a
-    fraction of the true peak at a long sequence."""
+    scaled by 4**k (k = 0..10, up to 2**20), all symbols together and each alone. Keeping only the largest at the
+    example sizes would drop the n**2 candidates of a deep model whose example n is small, and the formula would
+    then say a fraction of the true peak at a long sequence. Between probes the formula can still fall short of the
+    true envelope, by at most the gap between neighbouring candidates there."""
 
     LIMIT = 24
     SCALES = tuple(2 ** k for k in range(0, 21, 2))
