@@ -298,8 +298,8 @@ class MaxOf:
     Past ``LIMIT`` candidates the rest are pruned, but never one that is the largest at a probe: the example sizes
     scaled by 4**k (k = 0..10, up to 2**20), all symbols together and each alone. Keeping only the largest at the
     example sizes would drop the n**2 candidates of a deep model whose example n is small, and the formula would
-    then say a fraction of the true peak at a long sequence. Between probes the formula can still fall short of the
-    true envelope, by at most the gap between neighbouring candidates there."""
+    then say a fraction of the true peak at a long sequence. Between probes a pruned candidate can still be the
+    largest, and the formula is then a lower bound there (only once more than LIMIT candidates survive)."""
 
     LIMIT = 24
     SCALES = tuple(2 ** k for k in range(0, 21, 2))
