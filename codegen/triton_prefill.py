@@ -117,6 +117,49 @@ def _tanh(x):
 
 
 @triton.jit
+def _load_tile(ptrs, r, c, R, C, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    """ptrs[i, j] where r[i] < R and c[j] < C, else 0 (r, c: index tensors broadcast to the tile's shape); a bound
+    known to hold (EVEN_*) is compiled out."""
+    if EVEN_R and EVEN_C:
+        return tl.load(ptrs)
+    elif EVEN_R:
+        return tl.load(ptrs, mask=c < C, other=0.0)
+    elif EVEN_C:
+        return tl.load(ptrs, mask=r < R, other=0.0)
+    else:
+        return tl.load(ptrs, mask=(r < R) & (c < C), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, x, r, c, R, C, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    """Store x (cast to the pointee type) where r[i] < R and c[j] < C, as _load_tile reads."""
+    x = x.to(ptrs.dtype.element_ty)
+    if EVEN_R and EVEN_C:
+        tl.store(ptrs, x)
+    elif EVEN_R:
+        tl.store(ptrs, x, mask=c < C)
+    elif EVEN_C:
+        tl.store(ptrs, x, mask=r < R)
+    else:
+        tl.store(ptrs, x, mask=(r < R) & (c < C))
+
+
+@triton.jit
+def _apply_mask(x, mask_base, rows, cols, stride_mm, stride_mn, M, N, fill, MASK_KEEP: tl.constexpr,
+                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+    """x where the bool mask keeps (True keeps when MASK_KEEP, else True drops), ``fill`` elsewhere."""
+    mk_ptrs = mask_base + rows * stride_mm + cols * stride_mn
+    if EVEN_M and EVEN_N:
+        mk = tl.load(mk_ptrs) != 0
+    else:
+        mk = tl.load(mk_ptrs, mask=(rows < M) & (cols < N), other=0) != 0
+    if MASK_KEEP:
+        return tl.where(mk, x, fill)
+    else:
+        return tl.where(mk, fill, x)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr):
     if DOT_PREC == "upcast":  # TRITON_INTERPRET has no bf16 matmul (numpy): multiply the exact fp32 values
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -144,22 +187,10 @@ def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm,
         t = qk
         s = qk * qk_scale
     if HAS_BIAS:
-        b_ptrs = bias_ptr + rows * stride_bm + cols * stride_bn
-        if EVEN_M and EVEN_N:
-            b = tl.load(b_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=(rows < M) & (cols < N), other=0.0)
+        b = _load_tile(bias_ptr + rows * stride_bm + cols * stride_bn, rows, cols, M, N, EVEN_M, EVEN_N)
         s = s + b.to(tl.float32)  # a bias implies NATURAL: scores stay in natural units
     if HAS_MASK:
-        mk_ptrs = mask_ptr + rows * stride_mm + cols * stride_mn
-        if EVEN_M and EVEN_N:
-            mk = tl.load(mk_ptrs) != 0
-        else:
-            mk = tl.load(mk_ptrs, mask=(rows < M) & (cols < N), other=0) != 0
-        if MASK_KEEP:
-            s = tl.where(mk, s, fill2)
-        else:
-            s = tl.where(mk, fill2, s)
+        s = _apply_mask(s, mask_ptr, rows, cols, stride_mm, stride_mn, M, N, fill2, MASK_KEEP, EVEN_M, EVEN_N)
     if APPLY_CAUSAL:
         s = tl.where(cols <= rows + causal_offset, s, float("-inf"))
     if not EVEN_N:
@@ -230,14 +261,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             kt = tl.trans(k_desc.load([tma_z, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
         else:
             kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
-            if EVEN_N and EVEN_D:
-                kt = tl.load(kt_ptrs)
-            elif EVEN_N:
-                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
-            elif EVEN_D:
-                kt = tl.load(kt_ptrs, mask=cols < N, other=0.0)
-            else:
-                kt = tl.load(kt_ptrs, mask=(cols < N) & (offs_d[:, None] < D), other=0.0)
+            kt = _load_tile(kt_ptrs, offs_d[:, None], cols, D, N, EVEN_D, EVEN_N)
         qk = _dot(q, kt, None, DOT_PREC)
         s, _t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
                         qk_scale, softcap_in, softcap_out, fill2, causal_offset,
@@ -254,14 +278,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             v = v_desc.load([tma_z, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
             v_ptrs = v_base + cols_1d[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BLOCK_N, BLOCK_DV]
-            if EVEN_N and EVEN_DV:
-                v = tl.load(v_ptrs)
-            elif EVEN_N:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
-            elif EVEN_DV:
-                v = tl.load(v_ptrs, mask=cols_1d[:, None] < N, other=0.0)
-            else:
-                v = tl.load(v_ptrs, mask=(cols_1d[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
+            v = _load_tile(v_ptrs, cols_1d[:, None], offs_dv[None, :], N, DV, EVEN_N, EVEN_DV)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
         m_i = m_new
@@ -301,14 +318,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if EVEN_M and EVEN_D:
-        q = tl.load(q_ptrs)
-    elif EVEN_M:
-        q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
-    elif EVEN_D:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(q_ptrs, offs_m[:, None], offs_d[None, :], M, D, EVEN_M, EVEN_D)
     k_base = K + off_z * stride_kz + off_hk * stride_kh
     v_base = V + off_z * stride_vz + off_hk * stride_vh
     tma_z = off_z.to(tl.int32)    # descriptor coordinates (USE_TMA)
@@ -361,12 +371,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
     o_ptrs = (Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
               + offs_dv[None, :] * stride_od)
     st_ptrs = Stats + off_zh.to(tl.int64) * M + offs_m  # stats[0] = row max, stats[1] = log row sum
-    if EVEN_M and EVEN_DV:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty))
-    elif EVEN_M:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=offs_dv[None, :] < DV)
-    else:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
+    _store_tile(o_ptrs, o, offs_m[:, None], offs_dv[None, :], M, DV, EVEN_M, EVEN_DV)
     if EVEN_M:
         tl.store(st_ptrs, m_nat)
         tl.store(st_ptrs + ZHM, logl)
@@ -396,14 +401,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bia
         rows = offs_m[None, :]
         qt_ptrs = q_base + rows * stride_qm + offs_d[:, None] * stride_qd  # [BLOCK_D, BLOCK_M]
         do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod  # [BLOCK_M, BLOCK_DV]
-        if EVEN_M and EVEN_D:
-            qt = tl.load(qt_ptrs)
-        else:
-            qt = tl.load(qt_ptrs, mask=(rows < M) & (offs_d[:, None] < D), other=0.0)
-        if EVEN_M and EVEN_DV:
-            do = tl.load(do_ptrs)
-        else:
-            do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        qt = _load_tile(qt_ptrs, rows, offs_d[:, None], M, D, EVEN_M, EVEN_D)
+        do = _load_tile(do_ptrs, offs_m[:, None], offs_dv[None, :], M, DV, EVEN_M, EVEN_DV)
         # rows past M: p = 0, so they add nothing (and nothing to dbias sums)
         mrow, lrow = _row_stats(Stats, zh_m, ZHM, offs_m, M, EVEN_M, NATURAL, SAFE_SOFTMAX)
         if EVEN_M:
@@ -425,15 +424,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bia
             dpt = dpt * drop
         dst = pt * (dpt - delta[None, :])
         if HAS_MASK:  # filled positions are constants: no gradient flows through them
-            if EVEN_M and EVEN_N:
-                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn) != 0
-            else:
-                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=(rows < M) & (cols < N),
-                             other=0) != 0
-            if MASK_KEEP:
-                dst = tl.where(mk, dst, 0.0)
-            else:
-                dst = tl.where(mk, 0.0, dst)
+            dst = _apply_mask(dst, mask_base, rows, cols, stride_mm, stride_mn, M, N, 0.0, MASK_KEEP, EVEN_M, EVEN_N)
         if HAS_DBIAS:
             if DB_SUM_M and DB_SUM_N:
                 tl.atomic_add(dbias_base, tl.sum(tl.sum(dst, 1), 0))
@@ -483,14 +474,8 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
 
     k_ptrs = K + off_z * stride_kz + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_z * stride_vz + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    if EVEN_N and EVEN_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-    if EVEN_N and EVEN_DV:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
+    k = _load_tile(k_ptrs, offs_n[:, None], offs_d[None, :], N, D, EVEN_N, EVEN_D)
+    v = _load_tile(v_ptrs, offs_n[:, None], offs_dv[None, :], N, DV, EVEN_N, EVEN_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -540,14 +525,8 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
                + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV_ + off_z * stride_dvz + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
                + offs_dv[None, :] * stride_dvd)
-    if EVEN_N and EVEN_D:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_d[None, :] < D))
-    if EVEN_N and EVEN_DV:
-        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty))
-    else:
-        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV))
+    _store_tile(dk_ptrs, dk, offs_n[:, None], offs_d[None, :], N, D, EVEN_N, EVEN_D)
+    _store_tile(dv_ptrs, dv, offs_n[:, None], offs_dv[None, :], N, DV, EVEN_N, EVEN_DV)
 
 
 @triton.jit
@@ -566,14 +545,8 @@ def _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias
         cols = cols_1d[None, :]
         kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
         vt_ptrs = v_base + cols * stride_vn + offs_dv[:, None] * stride_vd  # [BLOCK_DV, BLOCK_N]
-        if EVEN_N and EVEN_D:
-            kt = tl.load(kt_ptrs)
-        else:
-            kt = tl.load(kt_ptrs, mask=(cols < N) & (offs_d[:, None] < D), other=0.0)
-        if EVEN_N and EVEN_DV:
-            vt = tl.load(vt_ptrs)
-        else:
-            vt = tl.load(vt_ptrs, mask=(cols < N) & (offs_dv[:, None] < DV), other=0.0)
+        kt = _load_tile(kt_ptrs, offs_d[:, None], cols, D, N, EVEN_D, EVEN_N)
+        vt = _load_tile(vt_ptrs, offs_dv[:, None], cols, DV, N, EVEN_DV, EVEN_N)
         qk = _dot(q, kt, None, DOT_PREC)
         s, t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
                        qk_scale, softcap_in, softcap_out, fill2, causal_offset,
@@ -585,15 +558,7 @@ def _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias
         delta += tl.sum(p * dp, 1)
         w = p  # the weight of k_j in dq (see the header): p, 0 where the mask fills, times the softcap derivative
         if HAS_MASK:
-            if EVEN_M and EVEN_N:
-                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn) != 0
-            else:
-                mk = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=(rows < M) & (cols < N),
-                             other=0) != 0
-            if MASK_KEEP:
-                w = tl.where(mk, w, 0.0)
-            else:
-                w = tl.where(mk, 0.0, w)
+            w = _apply_mask(w, mask_base, rows, cols, stride_mm, stride_mn, M, N, 0.0, MASK_KEEP, EVEN_M, EVEN_N)
         if SOFTCAP:
             w = w * (1.0 - t * t)
         dq = _dot((w * (dp - shift[:, None])).to(kt.dtype), tl.trans(kt), dq, DOT_PREC)
@@ -638,16 +603,9 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Out, Stats, Delta, DQ,
     do_ptrs = (DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
                + offs_dv[None, :] * stride_dod)
     o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    if EVEN_M and EVEN_D:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-    if EVEN_M and EVEN_DV:
-        do = tl.load(do_ptrs)
-        o = tl.load(o_ptrs)
-    else:
-        do = tl.load(do_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
-        o = tl.load(o_ptrs, mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+    q = _load_tile(q_ptrs, offs_m[:, None], offs_d[None, :], M, D, EVEN_M, EVEN_D)
+    do = _load_tile(do_ptrs, offs_m[:, None], offs_dv[None, :], M, DV, EVEN_M, EVEN_DV)
+    o = _load_tile(o_ptrs, offs_m[:, None], offs_dv[None, :], M, DV, EVEN_M, EVEN_DV)
     shift = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # d0 = rowsum(dO * O): delta up to O's rounding
     mrow, lrow = _row_stats(Stats, off_zh.to(tl.int64) * M, ZHM, offs_m, M, EVEN_M, NATURAL, SAFE_SOFTMAX)
     k_base = K + off_z * stride_kz + off_hk * stride_kh
@@ -688,10 +646,7 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Out, Stats, Delta, DQ,
     dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
     delta_ptrs = Delta + off_zh.to(tl.int64) * M + offs_m
-    if EVEN_M and EVEN_D:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
-    else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_d[None, :] < D))
+    _store_tile(dq_ptrs, dq, offs_m[:, None], offs_d[None, :], M, D, EVEN_M, EVEN_D)
     if EVEN_M:
         tl.store(delta_ptrs, delta)
     else:
