@@ -670,6 +670,15 @@ def _arg(named_args, kwargs, name):
     return kwargs[name] if name in kwargs else named_args[name]
 
 
+def _fp32_dots(named_args, kwargs) -> bool:
+    """fp32 inputs take "ieee" dots, which Triton lowers to unrolled FMA loops rather than tensor-core MMAs. The
+    code grows with the tile per thread: sm_90 compiles of the dk/dv kernel at d=256 took 242 s for 32x64 tiles on
+    4 warps, 25 s on 8 warps and 6 s for 32x32 on 8 warps (ptxas on a 2-core machine; on the H100 the fp32 d=80
+    test did not finish inside a run's time limit with the 16-bit spaces, which also overflow shared memory in
+    fp32). Such launches get one small 8-warp tile per kernel."""
+    return _arg(named_args, kwargs, "DOT_PREC") == "ieee"
+
+
 def tma_block_hook(nargs):
     """Autotune pre-hook: a TMA descriptor's box is the tile of the config about to run."""
     if nargs.get("USE_TMA"):
@@ -681,11 +690,16 @@ _FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_s
                 for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
+_FWD_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2, pre_hook=tma_block_hook)
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
     bucket = _arg(named_args, kwargs, "BUCKET_M")
     # short causal rows: half of a 128-row block sits above the diagonal, so 64-row blocks are worth a try
     small_m = bucket == 0 or (bucket == 1 and _arg(named_args, kwargs, "IS_CAUSAL"))
+    if _fp32_dots(named_args, kwargs):
+        return [_FWD_FP32]
 
     def keep(c):
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
@@ -706,6 +720,8 @@ _DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for w
 
 def _prune_dkdv(configs, named_args, **kwargs):
     d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+    if _fp32_dots(named_args, kwargs):
+        return [_cfg(32, 64 if d <= 128 else 32, 8, 2)]
 
     def keep(c):
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
@@ -722,6 +738,8 @@ _DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) fo
 
 def _prune_dq(configs, named_args, **kwargs):
     d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+    if _fp32_dots(named_args, kwargs):
+        return [_cfg(64, 32, 8, 2)]
 
     def keep(c):
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
@@ -737,7 +755,8 @@ def _prune_dq(configs, named_args, **kwargs):
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 
 
-_KEY = ["BUCKET_M", "BUCKET_N", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT", "SOFTCAP"]
+_KEY = ["BUCKET_M", "BUCKET_N", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT", "SOFTCAP",
+        "DOT_PREC"]
 _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["USE_TMA"],
                                   prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS"], reset_to_zero=["DBias"],

@@ -380,6 +380,21 @@ def test_supports_says_why(tp):
     assert tp.supports(q, k, v, None, None, None, s)[0]
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fp32_dots_get_one_small_tile(tp, d):
+    """fp32 takes FMA dots: each kernel's prune keeps one small tile (16-bit inputs keep a real choice, and the
+    dtype's precision is part of the autotune key so the two never share a tuned config)."""
+    for prune, space in ((tp._prune_fwd, tp._FWD_CONFIGS), (tp._prune_dkdv, tp._DKDV_CONFIGS),
+                         (tp._prune_dq, tp._DQ_CONFIGS)):
+        args = {"BLOCK_D": d, "BLOCK_DV": d, "BUCKET_M": 2, "IS_CAUSAL": False}
+        (only,) = prune(space, {}, **args, DOT_PREC="ieee")
+        tile = only.kwargs["BLOCK_M"] * only.kwargs["BLOCK_N"]
+        assert tile <= 64 * 32 and only.num_warps == 8 and only.num_stages == 2
+        wide = prune(space, {}, **args, DOT_PREC="tf32")
+        assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 32 for c in wide)
+    assert "DOT_PREC" in tp._KEY
+
+
 def test_through_the_op(tp):
     """torch.ops.memattn.attention(kernel="triton") reaches these kernels (no fallback) and trains."""
     import attn_compiler.ops  # noqa: F401  registers the op
