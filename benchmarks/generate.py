@@ -10,7 +10,12 @@ Providers (the same weights; only the attention differs):
     sdpa       attn_implementation="sdpa", not compiled (PyTorch's fused attention; HF passes GQA as repeat_kv or
                enable_gqa, whichever its version does)
     memattn    attn_implementation="eager", model.forward compiled with backend="memattn": the prompt runs the
-               prefill kernel, every decode step the split-KV kernel, repeat_kv folded away
+               prefill kernel, every decode step the split-KV kernel, repeat_kv folded away. The rest of the
+               graph runs op by op (inner="eager", the default): each decomposed aten op is one Python call and
+               one launch, so a small model at batch 1 is launch-bound and slower than HF's eager module
+    memattn-inductor   the same with options={"inner": "inductor"}: Inductor fuses everything but attention
+    sdpa-inductor      attn_implementation="sdpa", model.forward compiled with Inductor (the compiled baseline)
+--mode passes a torch.compile mode (e.g. reduce-overhead: CUDA graphs) to both Inductor providers.
 Both caches: "dynamic" (torch.cat every step; memattn's report gives the bytes that copies) and "static"
 (written in place). Each provider generates once to warm up (memattn compiles there, including the recompile that
 makes the cache length dynamic), then --reps times; tokens/s = batch * new tokens / mean time of one generate.
@@ -28,7 +33,8 @@ import torch
 
 from common import write_csv
 
-PROVIDERS = ("eager", "sdpa", "memattn")
+PROVIDERS = ("eager", "sdpa", "memattn", "memattn-inductor", "sdpa-inductor")
+DEFAULT_PROVIDERS = ("eager", "sdpa", "memattn", "memattn-inductor")
 
 
 def build(args, attn):
@@ -48,9 +54,14 @@ def sync(args):
 
 def run(args, provider, cache, batch, ids):
     torch._dynamo.reset()
-    model = build(args, "sdpa" if provider == "sdpa" else "eager")
+    model = build(args, "sdpa" if provider.startswith("sdpa") else "eager")
     if provider == "memattn":
         model.forward = torch.compile(model.forward, backend="memattn")
+    elif provider == "memattn-inductor":
+        opts = {"inner": "inductor"} if args.mode is None else {"inner": "inductor", "mode": args.mode}
+        model.forward = torch.compile(model.forward, backend="memattn", options=opts)
+    elif provider == "sdpa-inductor":
+        model.forward = torch.compile(model.forward, mode=args.mode)
     # disable_compile: HF would torch.compile a static-cache model itself on CUDA; the baselines stay eager
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0,
               disable_compile=True)
@@ -86,7 +97,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--mode", default=None, help="torch.compile mode of the Inductor providers")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for generate.csv")
     args = ap.parse_args(argv)
@@ -95,6 +107,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (smoke run)"
     print(f"# {name}, torch {torch.__version__}, {args.dtype}, LLaMA-style {args.layers} layers, hidden "
           f"{args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, prompt {args.prompt}, {args.new} new tokens")
+    ours = [p for p in args.providers if p.startswith("memattn")]
+    pairs = [(m, p) for m in ours for p in args.providers if p not in ours]   # memattn X / baseline Y
     rows = []
     for cache in args.cache:
         for b in args.batch:
@@ -115,25 +129,23 @@ def main(argv=None):
                 row[f"{p}_first_s"] = first
                 row[f"{p}_peak_gib"] = peak / 2 ** 30
                 row[f"{p}_same"] = (toks == ref).float().mean().item()
-            for p in args.providers:
-                if p != "memattn" and "memattn" in args.providers:
-                    row[f"memattn_vs_{p}"] = row["memattn_tok_s"] / row[f"{p}_tok_s"]
+            for m, p in pairs:
+                row[f"{m}_vs_{p}"] = row[f"{m}_tok_s"] / row[f"{p}_tok_s"]
             rows.append(row)
             print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                   flush=True)
     print()
     head = ["cache", "batch"] + [f"{p} tok/s (peak GiB)" for p in args.providers] + \
-        [f"memattn / {p}" for p in args.providers if p != "memattn" and "memattn" in args.providers]
+        [f"{m} / {p}" for m, p in pairs]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         cells = [r["cache"], str(r["batch"])]
         cells += [f"{r.get(p + '_tok_s', float('nan')):.1f} ({r.get(p + '_peak_gib', float('nan')):.2f})"
                   for p in args.providers]
-        cells += [f"{r.get('memattn_vs_' + p, float('nan')):.2f}x" for p in args.providers
-                  if p != "memattn" and "memattn" in args.providers]
+        cells += [f"{r.get(m + '_vs_' + p, float('nan')):.2f}x" for m, p in pairs]
         print("| " + " | ".join(cells) + " |")
-    print("(tokens/s of greedy generate; 'memattn / X' > 1 means memattn generates faster)")
+    print("(tokens/s of greedy generate; 'memattn / X' > 1 means memattn generates faster than X)")
     if rows:
         write_csv(rows, args.out, "generate.csv")
 
