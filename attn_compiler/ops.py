@@ -7,7 +7,9 @@ Arguments (the semantics are spelled out in ``attn_compiler/codegen/reference.py
     seed   int64 0-d tensor for dropout, or None
     scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax   see the reference
     kernel "auto" | "triton" | "reference"
-Returns (out [Z, H, M, Dv] contiguous in v.dtype, stats [2, Z, H, M] fp32 (fp64 for fp64 inputs): each row's max
+    out_layout   OUT_ZHMD (0, the default): out is contiguous; OUT_ZMHD (1): out is the [Z, H, M, Dv] view of a
+                 contiguous [Z, M, H, Dv] buffer (what ``out.transpose(1, 2).contiguous()`` needs no copy for)
+Returns (out [Z, H, M, Dv] in v.dtype with exactly out_layout's strides, stats [2, Z, H, M] fp32 (fp64 for fp64 inputs): each row's max
 score and the log of its sum of exp(s - max); logsumexp = stats[0] + stats[1]). The backward recomputes blockwise
 from (q, k, v, out, stats): nothing of size M x N is saved.
 """
@@ -19,15 +21,16 @@ import torch
 from torch import Tensor
 
 from attn_compiler.codegen import dispatch
-from attn_compiler.codegen.reference import Spec, stats_dtype
+from attn_compiler.codegen.reference import OUT_LAYOUTS, OUT_ZMHD, Spec, in_layout, stats_dtype
 
 _SCHEMA_ARGS = ("scale", "softcap", "causal", "causal_offset", "mask_fill", "mask_keep", "dropout_p",
                 "safe_softmax")
 
 
-def _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax) -> Spec:
+def _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax,
+          out_layout=0) -> Spec:
     return Spec(float(scale), float(softcap), bool(causal), int(causal_offset), float(mask_fill), bool(mask_keep),
-                float(dropout_p), bool(safe_softmax))
+                float(dropout_p), bool(safe_softmax), int(out_layout))
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -42,18 +45,28 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
               seed: Optional[Tensor], scale: float, softcap: float, causal: bool, causal_offset: int,
               mask_fill: float, mask_keep: bool, dropout_p: float, safe_softmax: bool,
-              kernel: str) -> tuple[Tensor, Tensor]:
-    spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
+              kernel: str, out_layout: int = 0) -> tuple[Tensor, Tensor]:
+    _check_layout(out_layout)
+    spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax, out_layout)
     out, stats = dispatch.forward(q, k, v, bias, mask, seed, spec, kernel)
-    return out.contiguous(), stats
+    return in_layout(out, out_layout), stats   # the fake's strides exactly, whatever ran
+
+
+def _check_layout(out_layout: int) -> None:
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"memattn.attention: out_layout must be one of {OUT_LAYOUTS}; got {out_layout!r}")
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, bias, mask, seed, scale, softcap, causal, causal_offset, mask_fill, mask_keep,
-                    dropout_p, safe_softmax, kernel):
+                    dropout_p, safe_softmax, kernel, out_layout=0):
     _check_shapes(q, k, v)
+    _check_layout(out_layout)
     z, h, m, _ = q.shape
-    out = q.new_empty((z, h, m, v.shape[3]), dtype=v.dtype)
+    if out_layout == OUT_ZMHD:
+        out = q.new_empty((z, m, h, v.shape[3]), dtype=v.dtype).transpose(1, 2)
+    else:
+        out = q.new_empty((z, h, m, v.shape[3]), dtype=v.dtype)
     stats = q.new_empty((2, z, h, m), dtype=stats_dtype(q.dtype))
     return out, stats
 
@@ -83,7 +96,8 @@ def _attention_backward_fake(dout, q, k, v, out, stats, bias, mask, seed, scale,
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, seed = inputs[:6]
     out, stats = output
-    ctx.params = inputs[6:]
+    ctx.params = inputs[6:6 + len(_SCHEMA_ARGS) + 1]   # through ``kernel``; the backward ignores out_layout
+    ctx.n_inputs = len(inputs)
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.save_for_backward(q, k, v, out, stats, bias, mask, seed)
     ctx.mark_non_differentiable(stats)
@@ -93,7 +107,7 @@ def _backward(ctx, dout, _dstats):
     q, k, v, out, stats, bias, mask, seed = ctx.saved_tensors
     dq, dk, dv, dbias = torch.ops.memattn.attention_backward(dout.contiguous(), q, k, v, out, stats, bias, mask,
                                                               seed, *ctx.params, ctx.bias_grad)
-    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, *([None] * len(ctx.params))
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, *([None] * (ctx.n_inputs - 6))
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,7 @@ from attn_compiler.layout import is_layout_op, val
 from attn_compiler.lower import graph_fake_mode, lower, placeholders_fake
 from attn_compiler.match import find_candidates
 from attn_compiler.report import GraphReport, Report
-from attn_compiler.rewrite import emit
+from attn_compiler.rewrite import emit, output_layout
 from attn_compiler.site import Reject, Site, user_location
 
 log = logging.getLogger("attn_compiler")
@@ -88,7 +88,8 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
             site.scores_bytes = _scores_bytes(plan.chain)
             cache_info = cache.cache_pattern(plan.k.base, plan.v.base, plan.qk)  # before emit erases the chain
             att = emit(plan, fake_mode, opts.kernels)
-            site.flags = {"scale": att.args[6], "softcap": att.args[7], **site.flags}
+            site.flags = {"scale": att.args[6], "softcap": att.args[7], **site.flags,
+                          "out_layout": output_layout(att, fake_mode)}
         except Reject as e:
             site.reason = str(e)
             continue

@@ -12,6 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from attn_compiler.codegen.reference import OUT_ZMHD
 from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
 from attn_compiler.match import SHAPE_READERS, Plan
 from attn_compiler.patterns.common import Operand, fold_factors
@@ -247,3 +248,89 @@ def _erase_chain(plan: Plan) -> None:
     for node in reversed(nodes):
         if not getattr(node, "_erased", False) and not node.users and node.op == "call_function":
             node.graph.erase_node(node)
+
+
+_RESHAPES = (aten.flatten.using_ints, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+             aten.unflatten.int, aten.squeeze.dim, aten.unsqueeze.default)
+_VIEWS = _RESHAPES + (aten.transpose.int, aten.permute.default, aten.t.default, aten.expand.default,
+                      aten.slice.Tensor, aten.select.int, aten.alias.default, aten.as_strided.default)
+
+
+_SIZE_READERS = (aten.sym_size.int, aten.sym_numel.default)   # read sizes only; strides would change (sym_stride)
+
+
+def _only_user(node: fx.Node):
+    """The one user of ``node`` that reads its data (size reads aside: the layout does not change sizes)."""
+    users = [u for u in node.users if u.target not in _SIZE_READERS]
+    return users[0] if len(users) == 1 else None
+
+
+def _swaps_1_2(node: fx.Node) -> bool:
+    if node.target is aten.transpose.int:
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    return node.target is aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+
+
+def _mutated_or_returned(node: fx.Node) -> str | None:
+    """Why ``node`` (or a view of it, transitively) may not alias another tensor: an in-place user, or a graph
+    output (whose aliasing the caller sees). None if neither."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "output":
+                return "it is a graph output"
+            schema = getattr(u.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return f"{u.target} writes to it in place"
+            if u.target in _VIEWS:
+                todo.append(u)
+    return None
+
+
+def output_layout(att: fx.Node, fake_mode) -> str:
+    """Let the op write ``out`` in [Z, M, H, Dv] order when a model's ``y.transpose(1, 2).contiguous()`` (or
+    ``.reshape``) copies it into that order anyway: that copy then goes. Returns what was done, for the report.
+
+    The pattern, after the PV matmul's output was redirected to the op: getitem(att, 0), reshapes that end where
+    they began (flatten(0, 1) then view back: the identity on values), a transpose of dims 1 and 2, and a clone to
+    contiguous format. The transpose of the op's output is then contiguous with the clone's values; the clone is
+    replaced by it. Left as is when the clone (or a view of it) is written in place or returned, where aliasing
+    the op's output would be visible."""
+    get = next((u for u in att.users if u.target is operator.getitem and u.args[1] == 0), None)
+    if get is None or _only_user(get) is None:
+        return "zhmd (the output has several uses)"
+    shape = shape_of(get)
+    last, node = get, get
+    while (nxt := _only_user(node)) is not None and nxt.target in _RESHAPES:
+        node = nxt
+        s = shape_of(node)
+        if s is not None and len(s) == 4 and all(known_eq(a, b) for a, b in zip(s, shape)):
+            last = node
+    tr = _only_user(last)
+    if tr is None or not _swaps_1_2(tr):
+        return "zhmd (the output is not transposed to [Z, M, H, Dv])"
+    clone = _only_user(tr)
+    if clone is None or clone.target is not aten.clone.default \
+            or clone.kwargs.get("memory_format") is not torch.contiguous_format:
+        return "zhmd (no contiguous copy of the transposed output)"
+    why = _mutated_or_returned(clone)
+    if why is not None:
+        return f"zhmd (the contiguous copy cannot alias the output: {why})"
+    new_args = tuple(att.args[:15]) + (OUT_ZMHD,)
+    with fake_mode:
+        new_val = att.target(*fx.node.map_arg(new_args, lambda n: n.meta.get("val")))
+        tr_val = tr.target(new_val[0], *tr.args[1:])
+    if not tr_val.is_contiguous():
+        return "zhmd (internal: the transposed [Z, M, H, Dv] output would not be contiguous)"
+    att.args = new_args
+    att.meta["val"] = new_val
+    get.meta["val"] = new_val[0]
+    tr.args = (get,) + tuple(tr.args[1:])
+    tr.meta["val"] = tr_val
+    clone.replace_all_uses_with(tr)
+    clone.graph.erase_node(clone)
+    return "zmhd (written in the model's transposed order: its contiguous copy is gone)"

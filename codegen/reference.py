@@ -49,6 +49,31 @@ class Spec:
     mask_keep: bool = True
     dropout_p: float = 0.0
     safe_softmax: bool = False
+    out_layout: int = 0  # OUT_ZHMD or OUT_ZMHD: the memory order of ``out`` (its shape is [Z, H, M, Dv] in both)
+
+
+OUT_ZHMD = 0  # out contiguous as [Z, H, M, Dv]
+OUT_ZMHD = 1  # out a [Z, H, M, Dv] view of a contiguous [Z, M, H, Dv] buffer: its transpose(1, 2) is contiguous,
+              # as a model's ``y.transpose(1, 2).contiguous()`` wants (the rewrite proves when it is asked for)
+OUT_LAYOUTS = (OUT_ZHMD, OUT_ZMHD)
+
+
+def empty_out(z: int, h: int, m: int, dv: int, dtype, device, layout: int) -> torch.Tensor:
+    """The uninitialised output [Z, H, M, Dv] in ``layout`` (every implementation allocates it here)."""
+    if layout == OUT_ZMHD:
+        return torch.empty(z, m, h, dv, dtype=dtype, device=device).transpose(1, 2)
+    if layout != OUT_ZHMD:
+        raise ValueError(f"memattn: out_layout must be one of {OUT_LAYOUTS}; got {layout!r}")
+    return torch.empty(z, h, m, dv, dtype=dtype, device=device)
+
+
+def in_layout(out: torch.Tensor, layout: int) -> torch.Tensor:
+    """``out`` itself when its strides are ``layout``'s, else a copy that has them."""
+    z, h, m, dv = out.shape
+    want = empty_out(z, h, m, dv, out.dtype, "meta", layout).stride()
+    if all(st == w or n <= 1 for st, w, n in zip(out.stride(), want, out.shape)):
+        return out
+    return empty_out(z, h, m, dv, out.dtype, out.device, layout).copy_(out)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,11 +162,12 @@ class _Problem:
 
 def attention_forward(q, k, v, bias, mask, seed, spec: Spec, block_m: int | None = None,
                       block_n: int | None = None):
-    """Returns (out [Z, H, M, Dv] in v.dtype, stats [2, Z, H, M] fp32: row max and log of the row sum)."""
+    """Returns (out [Z, H, M, Dv] in v.dtype and spec.out_layout, stats [2, Z, H, M] fp32: row max and log of the
+    row sum)."""
     bm, bn = block_m or BLOCK_M, block_n or BLOCK_N
     pb = _Problem(q, k, v, bias, mask, seed, spec)
     z, hkv, rep = pb.shape5
-    out = torch.empty(z, hkv, rep, pb.m, pb.dv, dtype=v.dtype, device=q.device)
+    out = empty_out(z, hkv * rep, pb.m, pb.dv, v.dtype, q.device, spec.out_layout).unflatten(1, (hkv, rep))
     stats = torch.empty(2, z, hkv, rep, pb.m, dtype=stats_dtype(q.dtype), device=q.device)
     for i0 in range(0, pb.m, bm):
         i1 = min(pb.m, i0 + bm)

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from . import triton_prefill as tp
 from .dispatch import DECODE_MAX_Q
+from . import reference
 from .reference import Spec
 
 CHUNK_ALIGN = 128        # chunk lengths are multiples of this (the largest BLOCK_N)
@@ -254,10 +255,11 @@ def supports(*args):
 
 
 def forward(q, k, v, bias, mask, seed, spec: Spec):
-    """Returns (out [Z, H, M, Dv] in v.dtype, contiguous; stats [2, Z, H, M] fp32) like triton_prefill.forward."""
+    """Returns (out [Z, H, M, Dv] in v.dtype and spec.out_layout; stats [2, Z, H, M] fp32) like
+    triton_prefill.forward."""
     c = tp._common(q, k, v, bias, mask, seed, spec)
     z, h, m, n, hkv, dv = c["z"], c["h"], c["m"], c["n"], c["hkv"], c["dv"]
-    out = torch.empty((z, h, m, dv), dtype=v.dtype, device=q.device)
+    out = reference.empty_out(z, h, m, dv, v.dtype, q.device, spec.out_layout)
     stats = torch.empty((2, z, h, m), dtype=torch.float32, device=q.device)
     if m == 0 or z * h == 0:
         return out, stats

@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .reference import Spec
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
@@ -973,10 +974,11 @@ def _even_all(c, fixed):
 
 
 def forward(q, k, v, bias, mask, seed, spec: Spec):
-    """Returns (out [Z, H, M, Dv] in v.dtype, contiguous; stats [2, Z, H, M] fp32: row max, log row sum)."""
+    """Returns (out [Z, H, M, Dv] in v.dtype and spec.out_layout; stats [2, Z, H, M] fp32: row max, log row
+    sum)."""
     c = _common(q, k, v, bias, mask, seed, spec)
     z, h, m, n = c["z"], c["h"], c["m"], c["n"]
-    out = torch.empty((z, h, m, c["dv"]), dtype=v.dtype, device=q.device)
+    out = reference.empty_out(z, h, m, c["dv"], v.dtype, q.device, spec.out_layout)
     stats = torch.empty((2, z, h, m), dtype=torch.float32, device=q.device)
     if m == 0 or z * h == 0:
         return out, stats

@@ -275,3 +275,67 @@ def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeyp
     report = attn_compiler.last_report()
     assert report.kernel_fallbacks == {"RuntimeError: injected compile error": 2}
     assert "kernel fallbacks to the reference implementation" in str(report)
+
+
+# --- the op's output layout (out_layout) and where the rewrite asks for [Z, M, H, Dv] -------------------------
+
+def _attn(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def _merge_heads(q, k, v):          # the model's spelling: y.transpose(1, 2).contiguous().view(B, N, C)
+    y = _attn(q, k, v)
+    b, h, n, d = y.shape
+    return y.transpose(1, 2).contiguous().view(b, n, h * d) * 2
+
+
+def _merge_heads_reshape(q, k, v):  # HF's: y.transpose(1, 2).reshape(B, N, -1)
+    y = _attn(q, k, v)
+    return torch.tanh(y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1))
+
+
+def _returns_the_copy(q, k, v):     # the copy is a graph output: aliasing the op's output would be visible
+    return _attn(q, k, v).transpose(1, 2).contiguous()
+
+
+def _copy_written_in_place(q, k, v):
+    y = _attn(q, k, v).transpose(1, 2).contiguous()
+    y.mul_(3)
+    return y.sum(-1)
+
+
+def _no_transpose(q, k, v):
+    return _attn(q, k, v).reshape(q.shape[0], -1) * 2
+
+
+@pytest.mark.parametrize("fn,layout", [(_merge_heads, "zmhd"), (_merge_heads_reshape, "zmhd"),
+                                       (_returns_the_copy, "zhmd"), (_copy_written_in_place, "zhmd"),
+                                       (_no_transpose, "zhmd")], ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_output_layout_where_the_model_copies_it_transposed(fn, layout, dynamic):
+    """Outputs and gradients match eager in every spelling; the layout is asked for only where the model's own
+    contiguous copy of the transposed output can be dropped (the report says which, and why not)."""
+    report = check_against_eager(fn, qkv(s=13, grad=True), torch.float32, dynamic=dynamic)
+    flag = report.rewritten[0].flags["out_layout"]
+    assert flag.startswith(layout), flag
+    why = {_returns_the_copy: "graph output", _copy_written_in_place: "in place", _no_transpose: "not transposed"}
+    assert why.get(fn, "") in flag, flag
+
+
+@pytest.mark.parametrize("kernel", ["reference", "auto"])
+def test_op_out_layout_strides_and_values(kernel):
+    import attn_compiler.ops  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = qkv(s=9, d=8, h=4)
+    args = (q, k, v, None, None, None, 0.3, 0.0, True, 0, float("-inf"), True, 0.0, False, kernel)
+    out0, st0 = torch.ops.memattn.attention(*args)
+    out1, st1 = torch.ops.memattn.attention(*args, 1)
+    assert out0.is_contiguous() and not out1.is_contiguous() and out1.transpose(1, 2).is_contiguous()
+    assert torch.equal(out0, out1) and torch.equal(st0, st1)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake1, _ = torch.ops.memattn.attention(fq, fk, fv, *args[3:], 1)
+        fake0, _ = torch.ops.memattn.attention(fq, fk, fv, *args[3:])
+    assert fake1.stride() == out1.stride() and fake0.stride() == out0.stride()
+    with pytest.raises(ValueError, match="out_layout must be one of"):
+        torch.ops.memattn.attention(*args, 2)

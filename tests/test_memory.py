@@ -167,7 +167,10 @@ def test_budget_plan_fits_lowers_the_measured_peak_and_keeps_gradients():
     free_compiled, ex, free_report = _capture()
     args = _concrete(ex)
     free_peak, free_grads = _measure_step(free_compiled, args)
-    budget = int(0.7 * free_report.peak_after.at())
+    # 75%: at 70% of this model's peak the eager-autograd model under-predicts the partitioned backward by 3%
+    # (a recomputed [B, N, C] tensor still live at gelu_backward); the plan then says it does not fit, as
+    # test_unreachable_budget_warns_with_the_smallest_peak_and_still_compiles expects of such plans
+    budget = int(0.75 * free_report.peak_after.at())
     compiled, ex2, report = _capture({"memory_budget": budget})
     assert report.checkpoints, str(report)
     assert not report.memory_note
@@ -216,3 +219,30 @@ def test_forward_only_graph_over_budget_is_a_note_not_a_failure():
     torch.testing.assert_close(out, attn(q, q, q), atol=1e-5, rtol=1e-5)
     rep = attn_compiler.last_report()
     assert rep.peak_before.at() > rep.peak_after.at() and rep.graphs[0].memory_after.training is None
+
+
+def _out_layouts(gm):
+    return [n.args[15] if len(n.args) > 15 else 0 for n in gm.graph.nodes
+            if n.target is torch.ops.memattn.attention.default]
+
+
+def test_output_in_the_models_transposed_order_saves_its_contiguous_copy(monkeypatch):
+    """``y.transpose(1, 2).contiguous()`` after attention: the op writes out as [Z, M, H, Dv] and the copy goes
+    (SDPA's layout). The model estimate and the measured step both drop by one [B, N, C] tensor per layer, and the
+    gradients do not change."""
+    from attn_compiler import pipeline
+    n_layer, (b, n), c = 2, (2, 96), 64
+    compiled, ex, report = _capture()
+    assert all(s.flags["out_layout"].startswith("zmhd") for s in report.rewritten), str(report)
+    assert _out_layouts(compiled) == [1] * n_layer
+    measured, grads = _measure_step(compiled, _concrete(ex))
+    monkeypatch.setattr(pipeline, "output_layout", lambda att, fake_mode: "zhmd (test: left as before)")
+    compiled0, ex0, report0 = _capture()
+    assert _out_layouts(compiled0) == [0] * n_layer
+    measured0, grads0 = _measure_step(compiled0, _concrete(ex0))
+    copy_bytes = b * n * c * 4
+    assert report0.peak_after.at() - report.peak_after.at() == n_layer * copy_bytes, (report0.peak_after,
+                                                                                      report.peak_after)
+    assert measured0 - measured == n_layer * copy_bytes, (measured0, measured)
+    for a, g in zip(grads, grads0):
+        torch.testing.assert_close(a, g, atol=1e-6, rtol=1e-5)
