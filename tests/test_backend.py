@@ -339,3 +339,9 @@ def test_op_out_layout_strides_and_values(kernel):
     assert fake1.stride() == out1.stride() and fake0.stride() == out0.stride()
     with pytest.raises(ValueError, match="out_layout must be one of"):
         torch.ops.memattn.attention(*args, 2)
+
+
+def test_output_layout_under_inductor():
+    """Inductor plans buffers from the fake's strides: the [Z, M, H, Dv] output must be what the op returns."""
+    report = check_against_eager(_merge_heads, qkv(s=13, grad=True), torch.float32, options={"inner": "inductor"})
+    assert report.rewritten[0].flags["out_layout"].startswith("zmhd")

@@ -72,7 +72,8 @@ def run_case(z, h, hkv, m, n, d, dtype=F32, *, bias=None, mask=None, layout="bhs
         ok, why = triton_decode.supports(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
         assert ok, why
         out, stats = triton_decode.forward(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
-    assert out.shape == (z, h, m, d) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (z, h, m, d) and out.dtype == dtype
+    assert (out.transpose(1, 2) if sp.out_layout == reference.OUT_ZMHD else out).is_contiguous(), out.stride()
     kmul, _, floor = BUDGET[dtype]  # the prefill kernel's forward budget
     err, base = rel_err(out.cpu(), truth), rel_err(want.cpu(), truth)
     assert err <= kmul * base + floor, f"decode kernel error {err:.3g} vs eager's {base:.3g} ({dtype})"
@@ -91,6 +92,15 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@kernel_test
+@pytest.mark.parametrize("n", [40, 300], ids=["one_split", "splits"])
+def test_kernel_writes_the_zmhd_out_layout(n):
+    """out_layout=OUT_ZMHD: both the direct write and the combine store through out's strides."""
+    a = run_case(2, 8, 2, 3, n, 32, sp=spec(out_layout=reference.OUT_ZMHD))
+    b = run_case(2, 8, 2, 3, n, 32)
+    assert torch.equal(a, b)
 
 
 @kernel_test

@@ -279,6 +279,20 @@ def test_head_dims(tp, d):
         check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=d % 32 == 0))
 
 
+def test_out_layout_zmhd(tp):
+    """out_layout=OUT_ZMHD: out written as a [Z, M, H, Dv] buffer, equal to the contiguous write; the backward
+    reads it through its strides."""
+    from attn_compiler.codegen.reference import OUT_ZMHD
+    q, k, v = make(F16, h=4, hkv=2, m=19, n=21, d=32)
+    with _tiles(tp):
+        sp = Spec(scale=32 ** -0.5, causal=True, out_layout=OUT_ZMHD)
+        check(tp, q, k, v, None, None, sp)
+        out1, st1 = tp.forward(q, k, v, None, None, None, sp)
+        out0, st0 = tp.forward(q, k, v, None, None, None, Spec(scale=32 ** -0.5, causal=True))
+    assert out1.transpose(1, 2).is_contiguous() and out0.is_contiguous()
+    assert torch.equal(out1, out0) and torch.equal(st1, st0)
+
+
 def test_fully_masked_rows(tp):
     """causal_offset < 0 leaves the first rows with no key: NaN as eager gives, or 0 with safe_softmax."""
     q, k, v = make(F32, h=2, m=20, n=20, d=16)
