@@ -73,3 +73,16 @@ def test_gpt_training_on_cuda(dtype):
 def test_inductor_inner_on_cuda():
     q, k, v = _qkv(256, 64)
     check_against_eager(scaled.div_scores, [q, k, v], torch.bfloat16, options={"inner": "inductor"})
+
+
+def _merge_heads(q, k, v):
+    y = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+    b, h, n, d = y.shape
+    return y.transpose(1, 2).contiguous().view(b, n, h * d)[..., :-3] * 2
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_output_in_transposed_order_on_cuda(inner):
+    """The kernels write out as [Z, M, H, Dv] where the model copies it into that order (the copy is dropped)."""
+    report = check_against_eager(_merge_heads, _qkv(200, 64), torch.bfloat16, options={"inner": inner})
+    assert report.rewritten[0].flags["out_layout"].startswith("zmhd")
