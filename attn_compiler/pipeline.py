@@ -148,7 +148,7 @@ def _plan(lowered: fx.GraphModule, example_inputs, opts, memory, model):
             "recompute cannot lower a graph that keeps nothing for backward"))
     else:
         outcome = plan_mod.choose(model, target, peak)
-        outcome.budget, outcome.target = budget, target
+        outcome.budget, outcome.target, outcome.planned_to = budget, target, target
         plan_mod.apply(lowered, outcome)
     if not outcome.fits:
         inputs = memory.inputs.at()
@@ -157,6 +157,27 @@ def _plan(lowered: fx.GraphModule, example_inputs, opts, memory, model):
                             f"more than memory_budget {analysis.fmt_bytes(budget)} allows; " + (outcome.note or ""))
         plan_mod.warn_no_fit(outcome)
     return outcome
+
+
+def _replan(lowered, example_inputs, opts, outcome, compiled, memory, model):
+    """The partitioned graphs of a plan peaked above the target though the model said they fit: plan again
+    against a target lowered by the model's error, at most plan_mod.REPLANS times, and compile that. Returns the
+    last (outcome, compiled); its ``fits`` says whether the partitioned graphs now meet the target."""
+    for _ in range(plan_mod.REPLANS):
+        lower_to = plan_mod.replan_target(outcome)
+        if lower_to is None:
+            break
+        new = plan_mod.choose(model, lower_to, memory.peak.at())
+        if not new.fits:   # the model cannot reach the lowered target: keep the plan compiled already
+            break
+        new.budget, new.target, new.planned_to = outcome.budget, outcome.target, lower_to
+        new.attempts = outcome.attempts + 1
+        plan_mod.apply(lowered, new)
+        compiled = _inner_compile(lowered, example_inputs, opts, new)
+        outcome = new
+        if not outcome.mismatch:
+            break
+    return outcome, compiled
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
@@ -190,6 +211,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     counters["left"] += len(report.left)
     _reports.append(report)
     compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
+    if outcome is not None and outcome.mismatch:
+        outcome, compiled = _replan(compiled_gm, example_inputs, opts, outcome, compiled, mem_after, model)
+        greport.plan = outcome
+        if not outcome.fits:
+            plan_mod.warn_no_fit(outcome)
     if opts.report is True:
         log.warning("%s", report)
     elif opts.report:

@@ -81,6 +81,22 @@ class Outcome:
     verified: Optional[analysis.Peak] = None   # measured on the partitioned forward/backward graphs
     recompute: set = dataclasses.field(default_factory=set)
     target: Optional[int] = None   # what the plan aims at: budget minus the reserve (reserve_bytes)
+    mismatch: bool = False    # the model said it fits; the partitioned graphs said no (compile_with_plan)
+    attempts: int = 1         # plans compiled for this graph (a mismatch re-plans, see replan_target)
+    planned_to: Optional[int] = None   # what choose() aimed at: target, or lower after a re-plan
+
+
+REPLANS = 2   # re-plans after a mismatch, each against a target lowered by the last plan's model error
+
+
+def replan_target(outcome: Outcome) -> Optional[int]:
+    """After a mismatch: the target for the next plan, lowered by how far the partitioned graphs overshot the
+    model's estimate for this one (the model's error on graphs like it). None if there is nothing to correct."""
+    if not outcome.mismatch or outcome.verified is None:
+        return None
+    error = outcome.verified.bytes.at() - outcome.peak
+    target = outcome.target if outcome.target is not None else outcome.budget
+    return target - error if error > 0 else None
 
 
 def device_total_bytes(example_inputs) -> int:
@@ -195,9 +211,12 @@ def choose(model: analysis.Model, budget: int, peak_now: int) -> Outcome:
 
 
 def apply(gm: fx.GraphModule, outcome: Outcome) -> None:
-    """Tag the chosen nodes; one ac_graph_id for all, so adjacent groups are not split at their boundary."""
+    """Tag the chosen nodes (and only them: an earlier plan's tags go); one ac_graph_id for all, so adjacent
+    groups are not split at their boundary."""
     names = {n.name for n in outcome.recompute}
     for node in gm.graph.nodes:
+        node.meta.pop("recompute", None)
+        node.meta.pop("ac_graph_id", None)
         if node.name in names:
             node.meta["recompute"] = torch.utils.checkpoint.CheckpointPolicy.MUST_RECOMPUTE
             node.meta["ac_graph_id"] = 1
@@ -229,13 +248,14 @@ def compile_with_plan(gm: fx.GraphModule, example_inputs, outcome: Outcome, inne
             outcome.verified = analysis.split_peak(fw, bw, kwargs.get("num_fwd_outputs", 1), state["boxed"])
             got = outcome.verified.bytes.at()
             if outcome.fits and got > (outcome.target or outcome.budget):
-                # the partitioner kept more than the eager-autograd model predicted: say so, do not claim a fit
+                # the partitioner kept more than the eager-autograd model predicted: do not claim a fit (the
+                # caller may re-plan against a lower target, see replan_target, and warns if that fails too)
                 outcome.fits = False
+                outcome.mismatch = True
                 outcome.note = (f"the recompute plan was expected to peak at {fmt_bytes(outcome.peak)}, but the "
                                 f"partitioned forward/backward graphs peak at {fmt_bytes(got)}, above the "
                                 f"{fmt_bytes(outcome.target or outcome.budget)} planned for memory_budget "
                                 f"{fmt_bytes(outcome.budget)}")
-                warn_no_fit(outcome)
         except Exception as e:  # the measurement is for the report; the plan stands without it
             log.debug("memattn: could not measure the partitioned graphs: %s", e)
         return fw, bw

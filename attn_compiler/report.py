@@ -139,6 +139,10 @@ class Report:
                 if p.verified is not None:
                     out.append(f"  peak of the partitioned forward/backward graphs: {p.verified.bytes} "
                                f"(at {p.verified.phase} {p.verified.at_node})")
+                if p.attempts > 1:
+                    out.append(f"  re-planned {p.attempts - 1} time(s): the partitioned graphs of the first plan "
+                               f"peaked above the model's estimate, so the target was lowered by that error "
+                               f"(planned to {_fmt_bytes(p.planned_to)})")
                 if p.note:
                     out.append(f"  NOTE: {p.note}")
             if a.assumed:

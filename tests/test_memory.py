@@ -167,10 +167,7 @@ def test_budget_plan_fits_lowers_the_measured_peak_and_keeps_gradients():
     free_compiled, ex, free_report = _capture()
     args = _concrete(ex)
     free_peak, free_grads = _measure_step(free_compiled, args)
-    # 75%: at 70% of this model's peak the eager-autograd model under-predicts the partitioned backward by 3%
-    # (a recomputed [B, N, C] tensor still live at gelu_backward); the plan then says it does not fit, as
-    # test_unreachable_budget_warns_with_the_smallest_peak_and_still_compiles expects of such plans
-    budget = int(0.75 * free_report.peak_after.at())
+    budget = int(0.7 * free_report.peak_after.at())
     compiled, ex2, report = _capture({"memory_budget": budget})
     assert report.checkpoints, str(report)
     assert not report.memory_note
@@ -246,3 +243,35 @@ def test_output_in_the_models_transposed_order_saves_its_contiguous_copy(monkeyp
     assert measured0 - measured == n_layer * copy_bytes, (measured0, measured)
     for a, g in zip(grads, grads0):
         torch.testing.assert_close(a, g, atol=1e-6, rtol=1e-5)
+
+
+def test_a_plan_the_partitioner_overshoots_is_replanned_until_it_fits(monkeypatch):
+    """The eager-autograd model can under-predict what the min-cut partitioner keeps. Made to under-predict every
+    recompute plan by 96 KiB here: the first plan's partitioned graphs overshoot the budget, the planner plans
+    again against a target lowered by that error, and the compiled step meets the budget with eager's gradients
+    and no warning."""
+    import warnings
+    from attn_compiler.analysis import Bytes, Model, Peak
+    real = Model.peak
+    bias = 96 * 1024
+
+    def optimistic(self, plan=None, symbolic=False):
+        p = real(self, plan, symbolic)
+        if plan is None or not plan.recompute:
+            return p
+        return Peak(Bytes(p.bytes.expr - bias, p.bytes.hints, p.bytes.at() - bias), p.at_node, p.phase)
+    free_compiled, ex, free_report = _capture()
+    free_peak, free_grads = _measure_step(free_compiled, _concrete(ex))
+    budget = int(0.8 * free_report.peak_after.at())
+    monkeypatch.setattr(Model, "peak", optimistic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled, ex2, report = _capture({"memory_budget": budget})
+    (plan,) = [g.plan for g in report.graphs]
+    assert plan.attempts >= 2 and plan.fits and not report.memory_note, str(report)
+    assert plan.planned_to < budget - bias // 2 and plan.verified.bytes.at() <= budget
+    assert "re-planned" in str(report)
+    measured, grads = _measure_step(compiled, _concrete(ex2))
+    assert measured <= budget * 1.02, (measured, budget)
+    for a, b in zip(grads, free_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
