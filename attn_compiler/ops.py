@@ -9,9 +9,9 @@ Arguments (the semantics are spelled out in ``attn_compiler/codegen/reference.py
     kernel "auto" | "triton" | "reference"
     out_layout   OUT_ZHMD (0, the default): out is contiguous; OUT_ZMHD (1): out is the [Z, H, M, Dv] view of a
                  contiguous [Z, M, H, Dv] buffer (what ``out.transpose(1, 2).contiguous()`` needs no copy for)
-Returns (out [Z, H, M, Dv] in v.dtype with exactly out_layout's strides, stats [2, Z, H, M] fp32 (fp64 for fp64 inputs): each row's max
-score and the log of its sum of exp(s - max); logsumexp = stats[0] + stats[1]). The backward recomputes blockwise
-from (q, k, v, out, stats): nothing of size M x N is saved.
+Returns (out [Z, H, M, Dv] in v.dtype with exactly out_layout's strides, stats [2, Z, H, M] fp32 (fp64 for fp64
+inputs): each row's max score and the log of its sum of exp(s - max); logsumexp = stats[0] + stats[1]). The
+backward recomputes blockwise from (q, k, v, out, stats): nothing of size M x N is saved.
 """
 from __future__ import annotations
 

@@ -305,13 +305,15 @@ def output_layout(att: fx.Node, fake_mode) -> str:
         return "zhmd (the output has several uses)"
     shape = shape_of(get)
     last, node = get, get
-    while (nxt := _only_user(node)) is not None and nxt.target in _RESHAPES:
+    # the reshapes bypassed must have no other user, size reads included: one left behind would keep a reshape of
+    # the [Z, M, H, Dv]-ordered output alive, and that reshape may copy
+    while (nxt := _only_user(node)) is not None and nxt.target in _RESHAPES and len(nxt.users) == 1:
         node = nxt
         s = shape_of(node)
         if s is not None and len(s) == 4 and all(known_eq(a, b) for a, b in zip(s, shape)):
             last = node
     tr = _only_user(last)
-    if tr is None or not _swaps_1_2(tr):
+    if tr is None or not _swaps_1_2(tr) or (last is not get and len(last.users) != 1):
         return "zhmd (the output is not transposed to [Z, M, H, Dv])"
     clone = _only_user(tr)
     if clone is None or clone.target is not aten.clone.default \

@@ -45,9 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from . import triton_prefill as tp
 from .dispatch import DECODE_MAX_Q
-from . import reference
 from .reference import Spec
 
 CHUNK_ALIGN = 128        # chunk lengths are multiples of this (the largest BLOCK_N)
