@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from attn_compiler.codegen import dispatch
-from attn_compiler.codegen.reference import OUT_LAYOUTS, OUT_ZMHD, Spec, in_layout, stats_dtype
+from attn_compiler.codegen.reference import OUT_LAYOUTS, Spec, empty_out, in_layout, stats_dtype
 
 _SCHEMA_ARGS = ("scale", "softcap", "causal", "causal_offset", "mask_fill", "mask_keep", "dropout_p",
                 "safe_softmax")
@@ -63,10 +63,7 @@ def _attention_fake(q, k, v, bias, mask, seed, scale, softcap, causal, causal_of
     _check_shapes(q, k, v)
     _check_layout(out_layout)
     z, h, m, _ = q.shape
-    if out_layout == OUT_ZMHD:
-        out = q.new_empty((z, m, h, v.shape[3]), dtype=v.dtype).transpose(1, 2)
-    else:
-        out = q.new_empty((z, h, m, v.shape[3]), dtype=v.dtype)
+    out = empty_out(z, h, m, v.shape[3], v.dtype, q.device, out_layout)
     stats = q.new_empty((2, z, h, m), dtype=stats_dtype(q.dtype))
     return out, stats
 

@@ -12,6 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from attn_compiler import analysis
 from attn_compiler.codegen.reference import OUT_ZMHD
 from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
 from attn_compiler.match import SHAPE_READERS, Plan
@@ -252,8 +253,6 @@ def _erase_chain(plan: Plan) -> None:
 
 _RESHAPES = (aten.flatten.using_ints, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
              aten.unflatten.int, aten.squeeze.dim, aten.unsqueeze.default)
-_VIEWS = _RESHAPES + (aten.transpose.int, aten.permute.default, aten.t.default, aten.expand.default,
-                      aten.slice.Tensor, aten.select.int, aten.alias.default, aten.as_strided.default)
 
 
 _SIZE_READERS = (aten.sym_size.int, aten.sym_numel.default)   # read sizes only; strides would change (sym_stride)
@@ -286,7 +285,9 @@ def _mutated_or_returned(node: fx.Node) -> str | None:
             schema = getattr(u.target, "_schema", None)
             if schema is not None and schema.is_mutable:
                 return f"{u.target} writes to it in place"
-            if u.target in _VIEWS:
+            # every alias, as the memory model finds them (the op schema's alias sets; getitem of a list of views)
+            alias = analysis._alias_of(u)
+            if u.target is operator.getitem or (alias is not None and any(a is n for a in alias)):
                 todo.append(u)
     return None
 

@@ -58,19 +58,24 @@ OUT_ZMHD = 1  # out a [Z, H, M, Dv] view of a contiguous [Z, M, H, Dv] buffer: i
 OUT_LAYOUTS = (OUT_ZHMD, OUT_ZMHD)
 
 
-def empty_out(z: int, h: int, m: int, dv: int, dtype, device, layout: int) -> torch.Tensor:
-    """The uninitialised output [Z, H, M, Dv] in ``layout`` (every implementation allocates it here)."""
+def out_strides(z, h, m, dv, layout: int) -> tuple:
+    """The strides of the output [Z, H, M, Dv] in ``layout``: the one definition of the layouts."""
     if layout == OUT_ZMHD:
-        return torch.empty(z, m, h, dv, dtype=dtype, device=device).transpose(1, 2)
+        return (m * h * dv, dv, h * dv, 1)
     if layout != OUT_ZHMD:
         raise ValueError(f"memattn: out_layout must be one of {OUT_LAYOUTS}; got {layout!r}")
-    return torch.empty(z, h, m, dv, dtype=dtype, device=device)
+    return (h * m * dv, m * dv, dv, 1)
+
+
+def empty_out(z, h, m, dv, dtype, device, layout: int) -> torch.Tensor:
+    """The uninitialised output [Z, H, M, Dv] in ``layout`` (every implementation and the fake allocate it here)."""
+    return torch.empty_strided((z, h, m, dv), out_strides(z, h, m, dv, layout), dtype=dtype, device=device)
 
 
 def in_layout(out: torch.Tensor, layout: int) -> torch.Tensor:
     """``out`` itself when its strides are ``layout``'s, else a copy that has them."""
     z, h, m, dv = out.shape
-    want = (m * h * dv, dv, h * dv, 1) if layout == OUT_ZMHD else (h * m * dv, m * dv, dv, 1)
+    want = out_strides(z, h, m, dv, layout)
     if all(st == w or n <= 1 for st, w, n in zip(out.stride(), want, out.shape)):
         return out
     return empty_out(z, h, m, dv, out.dtype, out.device, layout).copy_(out)

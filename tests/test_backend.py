@@ -304,12 +304,19 @@ def _copy_written_in_place(q, k, v):
     return y.sum(-1)
 
 
+def _copy_diagonal_written_in_place(q, k, v):   # through a view op that is no reshape or transpose
+    y = _attn(q, k, v).transpose(1, 2).contiguous()
+    y.diagonal(dim1=2, dim2=3).mul_(3)
+    return y.sum(-1)
+
+
 def _no_transpose(q, k, v):
     return _attn(q, k, v).reshape(q.shape[0], -1) * 2
 
 
 @pytest.mark.parametrize("fn,layout", [(_merge_heads, "zmhd"), (_merge_heads_reshape, "zmhd"),
                                        (_returns_the_copy, "zhmd"), (_copy_written_in_place, "zhmd"),
+                                       (_copy_diagonal_written_in_place, "zhmd"),
                                        (_no_transpose, "zhmd")], ids=lambda x: getattr(x, "__name__", x))
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_output_layout_where_the_model_copies_it_transposed(fn, layout, dynamic):
@@ -318,7 +325,8 @@ def test_output_layout_where_the_model_copies_it_transposed(fn, layout, dynamic)
     report = check_against_eager(fn, qkv(s=13, grad=True), torch.float32, dynamic=dynamic)
     flag = report.rewritten[0].flags["out_layout"]
     assert flag.startswith(layout), flag
-    why = {_returns_the_copy: "graph output", _copy_written_in_place: "in place", _no_transpose: "not transposed"}
+    why = {_returns_the_copy: "graph output", _copy_written_in_place: "in place",
+           _copy_diagonal_written_in_place: "in place", _no_transpose: "not transposed"}
     assert why.get(fn, "") in flag, flag
 
 
