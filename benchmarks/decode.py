@@ -6,7 +6,8 @@
     python benchmarks/decode.py --sweep --batch 8 32 --cache 1024 65536   # tune the split heuristic
 
 q_len 1, 32 query heads, 8 KV heads, d = 128, bf16. Bandwidth counts the bytes of K and V read (2 * B * Hkv * N * d
-* 2) over the time of one call, as % of the card's HBM peak (--peak, 3.35 TB/s for an H100 SXM). Every provider is
+* 2) over the time of one call, as % of the card's HBM peak (--peak; by default the datasheet figure of the card the
+run is on: 3.35 TB/s for an H100 SXM, 4.8 TB/s for an H200, else --peak is required). Every provider is
 timed the same way: its call captured in a CUDA graph and replayed (triton.testing.do_bench_cudagraph), so Python
 launch overhead, which would swamp a 10 us kernel, is out of every number. Providers:
     memattn        torch.ops.memattn.attention (split-KV Triton kernel; K/V read once per KV head)
@@ -16,9 +17,13 @@ launch overhead, which would swamp a 10 us kernel, is out of every number. Provi
 Points whose repeated cache does not fit in memory are skipped for that provider. Prints a table, writes
 decode.csv and, where matplotlib is importable, decode.png into --out.
 
---sweep times memattn under each (programs per SM, least keys per split) of --sweep-waves x --sweep-min-chunk
-(the two knobs of triton_decode.num_splits; the kernel is re-autotuned for each) against sdpa_gqa, and prints one
-row per point: the time ratio sdpa_gqa / memattn per setting, the splits it used and the autotuned tile.
+--kernels prints, per point and provider, each CUDA kernel's mean device time (torch.profiler), so a gap between
+two providers can be placed in one kernel (memattn: the split kernel and, with several splits, the combine).
+
+--sweep times memattn under each (programs per SM, least keys per split, wave efficiency kept) of --sweep-waves x
+--sweep-min-chunk x --sweep-eff (the three knobs of triton_decode.num_splits; the kernel is re-autotuned for each)
+against sdpa_gqa, and prints one row per point: the time ratio sdpa_gqa / memattn per setting, the splits it used
+and the autotuned tile.
 """
 from __future__ import annotations
 
@@ -90,26 +95,35 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--peak", type=float, default=3.35e12, help="HBM bandwidth of the card, bytes/s")
+    ap.add_argument("--peak", type=float, default=None, help="HBM bandwidth of the card, bytes/s")
+    ap.add_argument("--kernels", action="store_true", help="per-kernel device times (see above)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--waves", type=int, default=None, help="override the split heuristic's programs per SM")
     ap.add_argument("--min-chunk", type=int, default=None, help="override the least keys per split")
+    ap.add_argument("--wave-eff", type=float, default=None, help="override the wave efficiency the split count keeps")
     ap.add_argument("--sweep", action="store_true", help="tune the split heuristic (see above)")
     ap.add_argument("--sweep-waves", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--sweep-min-chunk", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--sweep-eff", type=float, nargs="+", default=None, help="default: the kernel's _WAVE_EFF")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode.csv / decode.png")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA device")
     if args.quick:
         args.batch, args.cache = [1, 32], [4096, 65536]
+    if args.peak is None:
+        args.peak = datasheet_peak(torch.cuda.get_device_name())
     from attn_compiler.codegen import triton_decode
     if args.waves is not None:
         triton_decode._WAVES = args.waves
     if args.min_chunk is not None:
         triton_decode._MIN_CHUNK = args.min_chunk
+    if args.wave_eff is not None:
+        triton_decode._WAVE_EFF = args.wave_eff
     if args.sweep:
         return sweep(args)
+    if args.kernels:
+        return kernels(args)
     fns = {p: provider(p) for p in PROVIDERS}
     rows = []
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, q_len 1, H={args.heads}, "
@@ -143,6 +157,40 @@ def main(argv=None):
     save(rows, args.out)
 
 
+PEAKS = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes/s by the vendors' datasheets (SXM parts)
+
+
+def datasheet_peak(name: str) -> float:
+    for card, peak in PEAKS.items():
+        if card in name:
+            return peak
+    sys.exit(f"no HBM peak known for {name!r}: pass --peak (bytes/s)")
+
+
+def kernels(args):
+    """Mean device time of each CUDA kernel a provider launches, per point (torch.profiler over 20 calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    calls = 20
+    for b in args.batch:
+        for n in args.cache:
+            q, k, v = make_inputs(args, b, n)
+            print(f"# batch {b} cache {n}")
+            for p in PROVIDERS[:2]:
+                fn = provider(p)
+                fn(q, k, v)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        fn(q, k, v)
+                    torch.cuda.synchronize()
+                for e in prof.key_averages():
+                    t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                    if t > 0 and e.count >= calls:
+                        print(f"  {p:9s} {t / e.count:8.2f} us x{e.count // calls}  {e.key[:90]}", flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+
 def make_inputs(args, b, n):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, args.heads, 1, args.d, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -153,12 +201,14 @@ def make_inputs(args, b, n):
 
 def sweep(args):
     from attn_compiler.codegen import triton_decode as td
-    settings = [(w, c) for w in args.sweep_waves for c in args.sweep_min_chunk]
+    effs = args.sweep_eff or [td._WAVE_EFF]
+    settings = [(w, c, e) for w in args.sweep_waves for c in args.sweep_min_chunk for e in effs]
     mem, gqa = provider("memattn"), provider("sdpa_gqa")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"# sweep on {torch.cuda.get_device_name()}: sdpa_gqa time / memattn time per (waves, min_chunk); "
-          f"splits and autotuned (BLOCK_N, warps, stages) below each")
-    print(f"{'batch':>5} {'cache':>7} {'gqa us':>8} " + " ".join(f"{f'w{w} c{c}':>14}" for w, c in settings))
+    print(f"# sweep on {torch.cuda.get_device_name()}: sdpa_gqa time / memattn time per (waves, min_chunk, "
+          f"wave efficiency); splits and autotuned (BLOCK_N, warps, stages) below each")
+    print(f"{'batch':>5} {'cache':>7} {'gqa us':>8} " + " ".join(f"{f'w{w} c{c} e{e}':>16}"
+                                                                  for w, c, e in settings))
     rows = []
     for b in args.batch:
         for n in args.cache:
@@ -166,16 +216,16 @@ def sweep(args):
             q, k, v = make_inputs(args, b, n)
             t_gqa = bench(gqa, q, k, v)
             cells, notes = [], []
-            for w, c in settings:
-                td._WAVES, td._MIN_CHUNK = w, c
+            for w, c, e in settings:
+                td._WAVES, td._MIN_CHUNK, td._WAVE_EFF = w, c, e
                 td._decode_split_tuned.cache.clear()
                 t = bench(mem, q, k, v)
                 splits, _ = td.num_splits(b * args.hkv, n, sms)
                 bc = td._decode_split_tuned.best_config
-                cells.append(f"{t_gqa / t:13.2f}x")
+                cells.append(f"{t_gqa / t:15.2f}x")
                 note = f"s{splits} {bc.kwargs['BLOCK_N']}/{bc.num_warps}/{bc.num_stages}"
-                notes.append(f"{note:>14}")
-                rows.append(dict(batch=b, cache=n, waves=w, min_chunk=c, splits=splits, memattn_us=t * 1e3,
+                notes.append(f"{note:>16}")
+                rows.append(dict(batch=b, cache=n, waves=w, min_chunk=c, wave_eff=e, splits=splits, memattn_us=t * 1e3,
                                  sdpa_gqa_us=t_gqa * 1e3, x_sdpa_gqa=t_gqa / t, block_n=bc.kwargs["BLOCK_N"],
                                  warps=bc.num_warps, stages=bc.num_stages))
             print(f"{b:>5} {n:>7} {t_gqa * 1e3:8.1f} " + " ".join(cells), flush=True)

@@ -47,6 +47,8 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
                        the TMA unit through 4-D tensor descriptors (KDesc, VDesc) instead of pointer loads; tiles
                        past N or D read as 0, as the masked loads give, so the score masks are unchanged. Set on
                        the host where the layout allows it (see tma_descs; MEMATTN_TMA overrides)
+    WARP_SPEC          _attn_fwd with TMA: the K/V loop as tl.range(warp_specialize=True). An experiment, off
+                       unless MEMATTN_WS=1 (see _warp_spec_wanted): Triton 3.6 does not compile it on sm_90
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
@@ -252,9 +254,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-               NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+               NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+               WARP_SPEC: tl.constexpr = False):
     rows = offs_m[:, None]
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols_1d = start_n + offs_n
         cols = cols_1d[None, :]
@@ -301,7 +304,8 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
-              DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "head dims are padded to at least 16 for tl.dot")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:  # the longest rows first: better tail balance across SMs
@@ -345,14 +349,16 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                   WARP_SPEC)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                    mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                   WARP_SPEC)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                    mask_base, rh, offs_m, offs_n,
@@ -360,7 +366,8 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                    stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA)
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                   WARP_SPEC)
     o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
         o = tl.where((l_i == 0.0)[:, None], 0.0, o)
@@ -756,14 +763,37 @@ def _prune_dq(configs, named_args, **kwargs):
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 
 
+def graph_bench(fn, quantiles=None):
+    """The autotuners' timer: each config's launch captured in a CUDA graph and replayed
+    (triton.testing.do_bench_cudagraph), so the host's launch overhead is not part of its time. Triton's default
+    timer brackets every launch with events, and a launch through the autotuner's Python path costs the host tens
+    of microseconds: a decode kernel of 5 to 30 us then measures the launcher, not the config, and the pick is noise
+    (H200, one batch-1 decode shape and split count: 1.15x or 0.78x of SDPA's time depending on the tile the tuner
+    happened to pick). Falls back to the default timer where a graph cannot be captured.
+
+    do_bench_cudagraph runs on a stream of its own that does not wait for the caller's: kernels still queued there
+    (the model's previous ops) could then run while the configs' launches write this call's outputs and
+    workspace, whose memory the caching allocator may just have taken back from those kernels' temporaries (seen
+    on the H200: the fp32 reference computed just before a first decode call came out wrong). Hence the
+    synchronize first; autotuning happens once per key, and Triton's own timer synchronizes as well."""
+    from triton.testing import do_bench, do_bench_cudagraph
+    fn()  # compiles the config: a config that does not fit raises here, for the autotuner to record as such
+    torch.cuda.synchronize()
+    try:
+        return do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+    except Exception:  # noqa: BLE001  no capture possible here (e.g. inside another capture): time eagerly
+        return do_bench(fn, quantiles=quantiles)
+
+
 _KEY = ["BUCKET_M", "BUCKET_N", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT", "SOFTCAP",
         "DOT_PREC"]
-_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["USE_TMA"],
+_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["USE_TMA", "WARP_SPEC"], do_bench=graph_bench,
                                   prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS"], reset_to_zero=["DBias"],
+                                       do_bench=graph_bench,
                                        prune_configs_by={"early_config_prune": _prune_dkdv})(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
-    _attn_bwd_dq)
+_attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, do_bench=graph_bench,
+                                     prune_configs_by={"early_config_prune": _prune_dq})(_attn_bwd_dq)
 
 # Fixed tiles for the interpreter (autotuning there would only multiply the run time) and for tests that want
 # tiny shapes to cross block boundaries.
@@ -819,6 +849,15 @@ def _tma_wanted(device) -> bool:
     if _interpret():
         return mode == "1"
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _warp_spec_wanted() -> bool:
+    """Warp specialisation of the forward's K/V loop (Triton's ``tl.range(warp_specialize=True)``: producer warps
+    issue the TMA copies, consumer warps do the math), with TMA only. An experiment, off unless MEMATTN_WS=1: with
+    Triton 3.6 on the H200 (sm_90) the kernel does not compile ("PassManager::run failed"; the launch then falls
+    back to pointer loads without it, as any TMA failure does). Kept so that a later Triton can be measured with
+    one variable (benchmarks/prefill.py) before it becomes a default or an autotune choice."""
+    return os.environ.get("MEMATTN_WS", "0") == "1"
 
 
 def _tma_desc(t):
@@ -994,7 +1033,8 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
         args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats, kdesc, vdesc,
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
-        _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma))
+        _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma,
+                                                              WARP_SPEC=use_tma and _warp_spec_wanted()))
     launch_with_tma_fallback(launch, k, v)
     return out, stats
 
