@@ -6,7 +6,9 @@
 
 bf16, B*n = 32k tokens, H = 16 (32 for d = 64). TFLOP/s counts 4*B*H*n^2*d, halved for causal, x2.5 for fwd+bwd.
 Peak memory is the allocator's peak during one call above what the inputs already hold. Prints a table, writes
-prefill.csv and, where matplotlib is importable, prefill.png into --out.
+prefill.csv and, where matplotlib is importable, prefill.png into --out. --configs also prints, whenever a point
+makes memattn's autotuners tune a new key, every candidate tile's time (ms, median of the CUDA-graph timer), so a
+weak point can be traced to its config space.
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     ap.add_argument("--tokens", type=int, default=32768, help="B * n")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for prefill.csv / prefill.png")
+    ap.add_argument("--configs", action="store_true", help="print each autotuned tile's time (see above)")
     a = ap.parse_args(argv)
     if a.quick:
         a.d, a.n = [64, 128], [2048, 4096]
@@ -112,6 +115,7 @@ def main(argv=None):
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                        for _ in range(3))
             for causal in a.causal:
+                tuned = {name: len(t.cache) for name, t in tuners().items()}
                 err = check(fns["memattn"], ref, q, k, v, bool(causal)) if "memattn" in fns else float("nan")
                 for mode in a.mode:
                     row = dict(d=d, n=n, b=b, h=h, causal=causal, mode=mode, max_err_vs_flash=err)
@@ -129,6 +133,8 @@ def main(argv=None):
                             row[f"{p}_vs_flash"] = row[f"{p}_tflops"] / row["flash_tflops"]
                     rows.append(row)
                     print(fmt_row(row, fns), flush=True)
+                if a.configs:
+                    print_tunings(tuned)
             del q, k, v
             torch.cuda.empty_cache()
     if dispatch.fallbacks:
@@ -137,6 +143,27 @@ def main(argv=None):
     print(table(rows, fns))
     save(rows, a.out)
     return 0
+
+
+def tuners():
+    from attn_compiler.codegen import triton_prefill as tp
+    return {"fwd": tp._attn_fwd_tuned, "dq": tp._attn_bwd_dq_tuned, "dkdv": tp._attn_bwd_dkdv_tuned}
+
+
+def print_tunings(before):
+    """Each candidate's time for the kernels that tuned a new key since ``before`` (their cache sizes)."""
+    for name, t in tuners().items():
+        if len(t.cache) == before[name]:
+            continue
+        timings = getattr(t, "configs_timings", None) or {}
+        ms = {c: (v[0] if isinstance(v, (list, tuple)) else v) for c, v in timings.items()}
+        if t.best_config not in ms:  # the prune left one candidate: nothing was timed
+            print(f"    {name:4s} one candidate, not timed", flush=True)
+            continue
+        for c in sorted(ms, key=ms.get):
+            tile = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N"))
+            print(f"    {name:4s} {tile:>7} w{c.num_warps} s{c.num_stages}  {ms[c]:.4f} ms"
+                  f"{'  <- picked' if c is t.best_config else ''}", flush=True)
 
 
 def fmt_row(r, fns):

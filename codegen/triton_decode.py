@@ -31,6 +31,7 @@ Kernel flags (tl.constexpr, decided on the host; the flags shared with prefill m
     DIRECT             one split: the split kernel normalises its rows and writes out and stats itself (no
                        workspace, no combine launch); SAFE_SOFTMAX as in prefill
     USE_TMA            K/V tiles through TMA descriptors, as in prefill
+    PDL                the combine is launched as a programmatic dependent of the split kernel (see pdl_wanted)
     BUCKET_N, BUCKET_P autotune key only: the chunk's length bucket and the launch's program-count bucket
     BLOCK_S            combine: splits reduced per step
 
@@ -41,6 +42,7 @@ tile (chunks are multiples of ``CHUNK_ALIGN`` so that every autotuned BLOCK_N di
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -73,9 +75,11 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats, KDesc, VDesc,
                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr,
                   SOFTCAP: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, DIRECT: tl.constexpr,
-                  SAFE_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, BUCKET_N, BUCKET_P,
+                  SAFE_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr, BUCKET_N, BUCKET_P,
                   BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_R >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
+    if PDL:  # the combine grid may be scheduled once every split program has started (it waits for our writes)
+        tl.extra.cuda.gdc_launch_dependents()
     pid_s = tl.program_id(0)
     pid_zk = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -150,8 +154,10 @@ def _decode_combine(Acc, ML, Out, Stats,
                     stride_oz, stride_oh, stride_om, stride_od,
                     HKV, G, M, DV, R, SPLITS, ROWS_PAD, ZHM,
                     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
-                    NATURAL: tl.constexpr):
+                    NATURAL: tl.constexpr, PDL: tl.constexpr):
     """One program per query row (z, kv head, group row r): the splits are reduced BLOCK_S at a time."""
+    if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
+        tl.extra.cuda.gdc_wait()
     pid_zk = tl.program_id(0)
     r = tl.program_id(1)
     off_z = (pid_zk // HKV).to(tl.int64)
@@ -214,6 +220,17 @@ _decode_split_tuned = triton.autotune(
 def _programs_bucket(programs: int, sms: int) -> int:
     """Autotune bucket of a launch's program count: within one program per SM, two, four, or more."""
     return 0 if programs <= sms else 1 if programs <= 2 * sms else 2 if programs <= 4 * sms else 3
+
+
+def pdl_wanted(device) -> bool:
+    """Programmatic dependent launch of the combine (Hopper and later): its grid is launched while the split kernel
+    still runs and waits in-kernel (griddepcontrol) for the partials, instead of starting after a kernel boundary.
+    An experiment, off unless MEMATTN_PDL=1: the combine is 2-3 us of a 6-130 us step on the H200 and where memattn
+    trails SDPA (1-2% at batch 1) that boundary is the suspect; it becomes the default once the benchmark shows it.
+    Never under the interpreter (no griddepcontrol there)."""
+    if os.environ.get("MEMATTN_PDL", "0") != "1" or tp._interpret():
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _sm_count(device) -> int:
@@ -292,9 +309,11 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     else:
         acc = torch.empty((z * hkv, splits, rows_pad, block_dv), dtype=torch.float32, device=q.device)
         ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
+    pdl = not direct and pdl_wanted(q.device)
     flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
                                            "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC",
                                            "SAFE_SOFTMAX")}
+    flags["PDL"] = pdl
     scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
     grid = (splits, z * hkv, row_blocks)
 
@@ -318,5 +337,5 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,
                                      z * h * m, BLOCK_S=min(32, max(2, triton.next_power_of_2(splits))),
                                      BLOCK_DV=block_dv, SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"],
-                                     NATURAL=c["flags"]["NATURAL"])
+                                     NATURAL=c["flags"]["NATURAL"], PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return out, stats

@@ -257,6 +257,19 @@ def test_num_splits_fill_the_machine_and_cover_the_cache():
     assert td.num_splits(1, 100, 132) == (1, 128)
 
 
+def test_pdl_is_opt_in_and_never_on_the_cpu_or_the_interpreter(monkeypatch):
+    """MEMATTN_PDL=1 asks for the combine as a programmatic dependent launch: a Hopper-and-later CUDA feature, so
+    never for a CPU tensor or under TRITON_INTERPRET, and off unless asked for."""
+    from attn_compiler.codegen import triton_decode as td
+    monkeypatch.delenv("MEMATTN_PDL", raising=False)
+    cpu = torch.device("cpu")
+    assert not td.pdl_wanted(cpu)
+    monkeypatch.setenv("MEMATTN_PDL", "1")
+    assert not td.pdl_wanted(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not td.pdl_wanted(torch.device("cuda"))
+
+
 def test_autotune_key_holds_the_chunk_and_the_program_count():
     """The split kernel's best tile depends on the keys each program walks and on how many programs share the
     machine (on the H200 a tile tuned for 64 programs and reused for 512 ran at 87% of HBM peak where its own ran
