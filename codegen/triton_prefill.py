@@ -728,7 +728,14 @@ def _prune_fwd(configs, named_args, **kwargs):
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 
 
-_DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
+_DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
+
+# Register spills (ptxas -v of Triton 3.6's sm_90a code, bf16, compiled on a CPU machine: see the prunes) steer the
+# backward spaces: the dk/dv kernel keeps two [BLOCK_N, D] fp32 accumulators and the dq kernel two [BLOCK_M, D],
+# and at 255 registers a thread most 16-bit tiles spill. Measured spill stores per thread, d=128: dk/dv 64x128 w8
+# 204 B, 32x128 w4 2192 B, 32x128 w8 4 B, 64x64 w8 24 B; dq 128x64 w8 76 B, 64x64 w8 4 B, 128x32 w8 8 B. d=256:
+# dk/dv 32x64 w8 452 B, 64x64 w8 644 B, 32x32 w8 0, 64x32 w8 16 B; dq 64x32 w8 216 B, 64x64 w8 388 B, 32x32 w8
+# 32 B, 32x64 w8 76 B. The spill-light tiles are candidates next to the ones measured fastest on the H100.
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
@@ -741,12 +748,15 @@ def _prune_dkdv(configs, named_args, **kwargs):
         if d <= 64:
             return bn == 128 and w == 4 and ((bm == 32 and s in (3, 5)) or (bm == 64 and s == 3))
         if d <= 128:
-            return bn == 128 and ((w == 8 and bm == 64 and s in (2, 3)) or (w == 4 and bm == 32 and s == 3))
-        return bn == 64 and w == 8 and ((bm == 32 and s in (2, 3)) or (bm == 64 and s == 2))
+            return ((bn == 128 and ((w == 8 and bm == 64 and s in (2, 3)) or (w == 4 and bm == 32 and s == 3)))
+                    or (w == 8 and s in (2, 3) and (bm, bn) in ((32, 128), (64, 64))))
+        return w == 8 and ((bn == 64 and ((bm == 32 and s in (2, 3)) or (bm == 64 and s == 2)))
+                           or (bn == 32 and bm in (32, 64) and s == 2))
     return [c for c in configs if keep(c)] or [_cfg(32, 64, 4, 2)]
 
 
-_DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
+_DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
+               for s in (2, 3, 4, 5)]
 
 
 def _prune_dq(configs, named_args, **kwargs):
@@ -763,8 +773,9 @@ def _prune_dq(configs, named_args, **kwargs):
                     or (bm == 128 and bn == 64 and w == 8 and s == 3) or (bm == 64 and bn == 64 and w == 4 and s == 3))
         if d <= 128:
             return ((bm == 128 and bn == 64 and w == 8 and s in (2, 3))
-                    or (bm == 64 and bn in (32, 64) and w == 4 and s == 3))
-        return s == 2 and bm == 64 and bn in (32, 64) and w == 8
+                    or (bm == 64 and bn in (32, 64) and w == 4 and s == 3)
+                    or (w == 8 and ((bm == 64 and bn == 64 and s in (2, 3)) or (bm == 128 and bn == 32 and s == 2))))
+        return s == 2 and bm in (32, 64) and bn in (32, 64) and w == 8
     return [c for c in configs if keep(c)] or [_cfg(64, 32, 4, 2)]
 
 
