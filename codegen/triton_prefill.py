@@ -730,12 +730,12 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4, 5)]
 
-# Register spills (ptxas -v of Triton 3.6's sm_90a code, bf16, compiled on a CPU machine: see the prunes) steer the
-# backward spaces: the dk/dv kernel keeps two [BLOCK_N, D] fp32 accumulators and the dq kernel two [BLOCK_M, D],
-# and at 255 registers a thread most 16-bit tiles spill. Measured spill stores per thread, d=128: dk/dv 64x128 w8
-# 204 B, 32x128 w4 2192 B, 32x128 w8 4 B, 64x64 w8 24 B; dq 128x64 w8 76 B, 64x64 w8 4 B, 128x32 w8 8 B. d=256:
-# dk/dv 32x64 w8 452 B, 64x64 w8 644 B, 32x32 w8 0, 64x32 w8 16 B; dq 64x32 w8 216 B, 64x64 w8 388 B, 32x32 w8
-# 32 B, 32x64 w8 76 B. The spill-light tiles are candidates next to the ones measured fastest on the H100.
+# Register spills steer the backward spaces (benchmarks/kernel_resources.py: ptxas -v on Triton 3.6's sm_90a code for
+# a typical bf16 call, compiled on a CPU machine). The dk/dv kernel keeps two [BLOCK_N, D] fp32 accumulators and the
+# dq kernel two [BLOCK_M, D]; spill stores per thread, d=128: dk/dv 64x128 w8 0 B (255 registers), 32x128 w4
+# 1172 B, 32x128 w8 0, 64x64 w8 0; dq 128x64 w8 32-112 B, 64x64 w4 192 B, 64x64 w8 0, 128x32 w8 0. d=256: dk/dv
+# 32x64 w8 0, 64x64 w8 116 B, 32x32 w8 0, 64x32 w8 0; dq 64x32 w8 0, 64x64 w8 324 B, 32x32 w8 0, 32x64 w8 0. The
+# spill-free tiles are candidates next to the ones measured fastest on the H100.
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
