@@ -23,6 +23,7 @@ The model, stated once so the numbers can be judged:
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import operator
 from typing import Iterable, Optional, Union
 
@@ -252,10 +253,16 @@ class Values:
 # --- sums of polynomials, and their maxima --------------------------------------------------------------------------
 
 def _terms(expr) -> dict:
+    """{monomial: coefficient}; rational coefficients as Python ints / Fractions, whose arithmetic in the running
+    tallies and the dominance tests is far cheaper than sympy numbers'."""
     expr = sympy.expand(sympy.sympify(expr))
     out = {}
     for term in sympy.Add.make_args(expr):
         coeff, rest = term.as_coeff_Mul()
+        if coeff.is_Integer:
+            coeff = int(coeff)
+        elif coeff.is_Rational:
+            coeff = fractions.Fraction(int(coeff.p), int(coeff.q))
         out[rest] = out.get(rest, 0) + coeff
     return out
 
@@ -305,20 +312,20 @@ class MaxOf:
     SCALES = tuple(2 ** k for k in range(0, 21, 2))
 
     def __init__(self, hints: Optional[dict] = None):
-        self.cands: list = []   # (terms, value at example sizes)
+        self.cands: list = []   # [terms, value at example sizes, values at the probes (None until a prune)]
         self.hints = {k: int(v) for k, v in (hints or {}).items()}
         self._probes: Optional[list] = None
         self._mono: dict = {}
 
     def offer(self, terms: dict, value: int) -> None:
-        for other, _ in self.cands:
+        for other, _, _ in self.cands:
             if all(other.get(k, 0) - c >= 0 for k, c in terms.items()) and \
                     all(c >= 0 for k, c in other.items() if k not in terms):
                 return
-        self.cands = [(o, v) for o, v in self.cands
-                      if not (all(terms.get(k, 0) - c >= 0 for k, c in o.items()) and
-                              all(c >= 0 for k, c in terms.items() if k not in o))]
-        self.cands.append((terms, value))
+        self.cands = [cand for cand in self.cands
+                      if not (all(terms.get(k, 0) - c >= 0 for k, c in cand[0].items()) and
+                              all(c >= 0 for k, c in terms.items() if k not in cand[0]))]
+        self.cands.append([terms, value, None])
         if len(self.cands) > self.LIMIT:
             self._prune()
 
@@ -339,11 +346,21 @@ class MaxOf:
                                             for p in self._probe_points())
         return vals
 
+    def _values_at_probes(self, cand: list) -> list:
+        """The candidate's bytes at every probe, computed once and kept with it: past LIMIT every offer prunes,
+        and recomputing every candidate at every probe each time made a 12-layer model's dynamic-shape budget plan
+        spend most of its compile there (benchmarks/compile_time.py)."""
+        if cand[2] is None:
+            vals = [0] * len(self._probe_points())
+            for k, c in cand[0].items():
+                for i, m in enumerate(self._mono_values(k)):
+                    vals[i] += c * m
+            cand[2] = vals
+        return cand[2]
+
     def _prune(self) -> None:
-        probes = self._probe_points()
-        at = [[sum(c * self._mono_values(k)[i] for k, c in t.items()) for i in range(len(probes))]
-              for t, _ in self.cands]
-        keep = {max(range(len(self.cands)), key=lambda j: at[j][i]) for i in range(len(probes))}
+        at = [self._values_at_probes(cand) for cand in self.cands]
+        keep = {max(range(len(self.cands)), key=lambda j: at[j][i]) for i in range(len(self._probe_points()))}
         by_value = sorted(range(len(self.cands)), key=lambda j: -self.cands[j][1])
         for j in by_value:
             if len(keep) >= self.LIMIT:
@@ -352,8 +369,12 @@ class MaxOf:
         self.cands = [self.cands[j] for j in sorted(keep)]
 
     def expr(self) -> sympy.Expr:
-        exprs = [sympy.Add(*[c * k for k, c in t.items()]) for t, _ in self.cands] or [sympy.Integer(0)]
-        return exprs[0] if len(exprs) == 1 else sympy.Max(*exprs)
+        """Max of the candidates, unevaluated: sympy's pairwise simplification proves inequalities between the
+        polynomials, over a second per call on a 12-layer model with dynamic shapes, and the compile only needs
+        values (Bytes.at evaluates it at given sizes); the report's formula (Bytes.simplified) lets sympy drop the
+        arguments it proves smaller when it is shown."""
+        exprs = [sympy.Add(*[c * k for k, c in t.items()]) for t, _, _ in self.cands] or [sympy.Integer(0)]
+        return exprs[0] if len(exprs) == 1 else sympy.Max(*exprs, evaluate=False)
 
 
 class Bytes:
@@ -384,9 +405,12 @@ class Bytes:
         return self.expr.free_symbols
 
     def simplified(self) -> sympy.Expr:
-        if isinstance(self.expr, sympy.Max):
-            return sympy.Max(*[sympy.factor(a) for a in self.expr.args], evaluate=False)
-        return sympy.factor(self.expr)
+        expr = self.expr
+        if isinstance(expr, sympy.Max):  # built unevaluated (MaxOf.expr): sympy drops the arguments it proves smaller
+            expr = sympy.Max(*expr.args)
+        if isinstance(expr, sympy.Max):
+            return sympy.Max(*[sympy.factor(a) for a in expr.args], evaluate=False)
+        return sympy.factor(expr)
 
     def __int__(self) -> int:
         return self.at()
