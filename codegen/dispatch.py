@@ -7,9 +7,12 @@ falls back to the reference, warns once per reason, and the failure is recorded 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
+
+import torch
 
 from . import reference
 
@@ -50,6 +53,12 @@ def _fallback(reason: str) -> None:
                       "implementation for this call", RuntimeWarning, stacklevel=3)
 
 
+def device_guard(q):
+    """Triton launches on the current CUDA device, not on its tensors' one: a model split over GPUs in one process
+    (HF's device_map="auto") would otherwise launch a layer's kernel on another GPU than its cache and weights."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+
+
 def _run(kind: str, kernel: str, q, args, ref_fn, module: str = "triton_prefill"):
     if _wants_triton(q, kernel):
         mod = _triton_module(module)
@@ -61,7 +70,8 @@ def _run(kind: str, kernel: str, q, args, ref_fn, module: str = "triton_prefill"
                 _fallback(reason)
             else:
                 try:
-                    return getattr(mod, kind)(*args)
+                    with device_guard(q):
+                        return getattr(mod, kind)(*args)
                 except Exception as e:  # compile or launch failure: keep training, say why
                     _fallback(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return ref_fn(*args)

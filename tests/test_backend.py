@@ -277,6 +277,33 @@ def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeyp
     assert "kernel fallbacks to the reference implementation" in str(report)
 
 
+def test_kernels_launch_under_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the dispatcher enters the query's device around the kernel call
+    (a model split over GPUs in one process keeps each layer's kernel on its own GPU). CUDA-free: the guard is
+    recorded, not entered."""
+    import contextlib
+    import types
+
+    from attn_compiler.codegen import dispatch
+
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(q):
+        entered.append(q.device)
+        yield
+    monkeypatch.setattr(dispatch, "device_guard", guard)
+    mod = types.SimpleNamespace(supports=lambda *a: (True, ""), forward=lambda *a: ("kernel", entered[-1]))
+    monkeypatch.setattr(dispatch, "_triton_module", lambda name: mod)
+    monkeypatch.setattr(dispatch, "_wants_triton", lambda q, kernel: True)
+    q = types.SimpleNamespace(device=torch.device("cuda", 1), is_cuda=True, shape=(1, 2, 64, 16))
+    spec = types.SimpleNamespace(dropout_p=0.0)
+    assert dispatch.forward(q, q, q, None, None, None, spec, "triton") == ("kernel", torch.device("cuda", 1))
+    monkeypatch.undo()  # the real guard: CUDA tensors enter their device (not entered here), others nothing
+    assert dispatch.device_guard(q).idx == 1
+    assert isinstance(dispatch.device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
 # --- the op's output layout (out_layout) and where the rewrite asks for [Z, M, H, Dv] -------------------------
 
 def _attn(q, k, v):

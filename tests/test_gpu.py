@@ -86,3 +86,20 @@ def test_output_in_transposed_order_on_cuda(inner):
     """The kernels write out as [Z, M, H, Dv] where the model copies it into that order (the copy is dropped)."""
     report = check_against_eager(_merge_heads, _qkv(200, 64), torch.bfloat16, options={"inner": inner})
     assert report.rewritten[0].flags["out_layout"].startswith("zmhd")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("m", [1, 300], ids=["decode", "prefill"])
+def test_kernels_run_on_the_tensors_gpu_not_the_current_one(m):
+    """A layer whose tensors sit on cuda:1 while cuda:0 is current (a model split over GPUs in one process): the
+    kernels launch on cuda:1 (forward and backward) and match the reference computed there."""
+    g = torch.Generator(device="cuda:1").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda:1", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for n in (m, 300, 300))
+    with torch.cuda.device(0):
+        out, _ = torch.ops.memattn.attention(q, k, v, None, None, None, 0.125, 0.0, False, 0, float("-inf"), True,
+                                             0.0, False, "triton")
+        out.float().sum().backward()
+    want = torch.nn.functional.scaled_dot_product_attention(*(t.detach().float() for t in (q, k, v)), scale=0.125)
+    assert out.device == torch.device("cuda:1") and q.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
