@@ -512,6 +512,40 @@ def test_gpu_autotuned(tp, d, causal):
     check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=causal))
 
 
+def _candidates(tp, name, d, causal):
+    tuner, prune, space = {"fwd": (tp._attn_fwd_tuned, tp._prune_fwd, tp._FWD_CONFIGS),
+                           "dq": (tp._attn_bwd_dq_tuned, tp._prune_dq, tp._DQ_CONFIGS),
+                           "dkdv": (tp._attn_bwd_dkdv_tuned, tp._prune_dkdv, tp._DKDV_CONFIGS)}[name]
+    picked = set()
+    for bucket in (1, 2):  # the short and long rows' spaces (bucket 0 is the 64-row subset of bucket 1's)
+        picked.update(prune(space, {}, BLOCK_D=d, BLOCK_DV=d, BUCKET_M=bucket, IS_CAUSAL=causal, DOT_PREC="tf32"))
+    return tuner, sorted(picked, key=str)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_every_candidate_tile(tp, monkeypatch, name, d):
+    """Every tile an autotuner may pick (not only the one it picked on this card) computes the right answer:
+    each candidate of the kernel's pruned spaces, alone in its tuner, on a ragged causal GQA shape and a full one."""
+    try:
+        for causal in (False, True):
+            tuner, cands = _candidates(tp, name, d, causal)
+            assert cands
+            for cfg in cands:
+                monkeypatch.setattr(tuner, "configs", [cfg])  # one config: the tuner runs it, no prune, no timing
+                tuner.cache.clear()
+                q, k, v = make(BF16, z=1, h=4, hkv=2, m=333 if causal else 256, n=777 if causal else 256, d=d)
+                check(tp, q, k, v, None, None,
+                      Spec(scale=d ** -0.5, causal=causal, causal_offset=444 if causal else 0),
+                      backward=name != "fwd")
+                assert tuner.best_config is cfg
+    finally:  # no forced pick may outlive the test in a tuner's cache
+        for t in (tp._attn_fwd_tuned, tp._attn_bwd_dq_tuned, tp._attn_bwd_dkdv_tuned):
+            t.cache.clear()
+
+
 @gpu
 @needs_cuda
 def test_gpu_long_odd_gqa_features(tp):
