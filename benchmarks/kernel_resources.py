@@ -31,9 +31,8 @@ from triton.compiler import ASTSource
 from attn_compiler.codegen import triton_decode as td
 from attn_compiler.codegen import triton_prefill as tp
 
-KERNELS = {"fwd": (tp._attn_fwd, tp._prune_fwd, tp._FWD_CONFIGS),
-           "dq": (tp._attn_bwd_dq, tp._prune_dq, tp._DQ_CONFIGS),
-           "dkdv": (tp._attn_bwd_dkdv, tp._prune_dkdv, tp._DKDV_CONFIGS),
+# name -> (the raw jit kernel under the autotuner, its prune, its config space)
+KERNELS = {**{name: (tuner.fn, prune, space) for name, (tuner, prune, space) in tp.AUTOTUNED.items()},
            "decode": (td._decode_split, td._prune_split, td._SPLIT_CONFIGS)}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "Out": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV_": "*bf16", "KDesc": "*bf16", "VDesc": "*bf16", "Bias": "*fp32", "Stats": "*fp32",

@@ -147,7 +147,7 @@ def main(argv=None):
 
 def tuners():
     from attn_compiler.codegen import triton_prefill as tp
-    return {"fwd": tp._attn_fwd_tuned, "dq": tp._attn_bwd_dq_tuned, "dkdv": tp._attn_bwd_dkdv_tuned}
+    return {name: tuner for name, (tuner, _, _) in tp.AUTOTUNED.items()}
 
 
 def print_tunings(before):

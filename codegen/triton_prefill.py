@@ -811,6 +811,12 @@ _attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS"], 
 _attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, do_bench=graph_bench,
                                      prune_configs_by={"early_config_prune": _prune_dq})(_attn_bwd_dq)
 
+# name -> (autotuned kernel, its prune, its config space): one table for what inspects the spaces
+# (benchmarks/prefill.py --configs, benchmarks/kernel_resources.py, the every-candidate GPU test)
+AUTOTUNED = {"fwd": (_attn_fwd_tuned, _prune_fwd, _FWD_CONFIGS),
+             "dq": (_attn_bwd_dq_tuned, _prune_dq, _DQ_CONFIGS),
+             "dkdv": (_attn_bwd_dkdv_tuned, _prune_dkdv, _DKDV_CONFIGS)}
+
 # Fixed tiles for the interpreter (autotuning there would only multiply the run time) and for tests that want
 # tiny shapes to cross block boundaries.
 _forced: dict | None = None

@@ -423,8 +423,7 @@ def test_autotune_timer_waits_for_queued_work_and_times_in_a_graph(tp, monkeypat
         raise DoesNotFit
     with pytest.raises(DoesNotFit):
         tp.graph_bench(too_big)
-    for tuner in (tp._attn_fwd_tuned, tp._attn_bwd_dq_tuned, tp._attn_bwd_dkdv_tuned,
-                  triton_decode._decode_split_tuned):
+    for tuner in [t for t, _, _ in tp.AUTOTUNED.values()] + [triton_decode._decode_split_tuned]:
         assert tuner.do_bench is tp.graph_bench
 
 
@@ -513,9 +512,7 @@ def test_gpu_autotuned(tp, d, causal):
 
 
 def _candidates(tp, name, d, causal):
-    tuner, prune, space = {"fwd": (tp._attn_fwd_tuned, tp._prune_fwd, tp._FWD_CONFIGS),
-                           "dq": (tp._attn_bwd_dq_tuned, tp._prune_dq, tp._DQ_CONFIGS),
-                           "dkdv": (tp._attn_bwd_dkdv_tuned, tp._prune_dkdv, tp._DKDV_CONFIGS)}[name]
+    tuner, prune, space = tp.AUTOTUNED[name]
     picked = set()
     for bucket in (1, 2):  # the short and long rows' spaces (bucket 0 is the 64-row subset of bucket 1's)
         picked.update(prune(space, {}, BLOCK_D=d, BLOCK_DV=d, BUCKET_M=bucket, IS_CAUSAL=causal, DOT_PREC="tf32"))
@@ -542,7 +539,7 @@ def test_gpu_every_candidate_tile(tp, monkeypatch, name, d):
                       backward=name != "fwd")
                 assert tuner.best_config is cfg
     finally:  # no forced pick may outlive the test in a tuner's cache
-        for t in (tp._attn_fwd_tuned, tp._attn_bwd_dq_tuned, tp._attn_bwd_dkdv_tuned):
+        for t, _, _ in tp.AUTOTUNED.values():
             t.cache.clear()
 
 
