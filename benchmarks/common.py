@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 
 
 def write_csv(rows: list, out: str, name: str) -> str:
@@ -26,3 +27,15 @@ def pyplot():
         print("matplotlib not importable: no plot (the CSV has the numbers)")
         return None
     return plt
+
+
+def spin(step, ms: float = 200.0) -> None:
+    """Runs ``step`` back to back for ``ms`` of wall time (synchronising after each) before a measurement, so every
+    provider is timed from the same state: after its own calls, not right after another provider's compile or
+    autotune (seconds of an idle GPU), whatever do_bench's own warm-up (25 ms) leaves."""
+    import torch
+    torch.cuda.synchronize()
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        step()
+        torch.cuda.synchronize()

@@ -35,7 +35,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import pyplot, write_csv
+from common import pyplot, spin, write_csv
 
 PROVIDERS = ("memattn", "sdpa_gqa", "sdpa_repeat", "flash_repeat")
 
@@ -84,7 +84,7 @@ def fits(name, b, hkv, h, n, d) -> bool:
 def bench(fn, q, k, v):
     from triton.testing import do_bench_cudagraph
     fn(q, k, v)  # compile and autotune outside the capture
-    torch.cuda.synchronize()
+    spin(lambda: fn(q, k, v))
     return do_bench_cudagraph(lambda: fn(q, k, v), rep=100)
 
 

@@ -9,6 +9,12 @@ Peak memory is the allocator's peak during one call above what the inputs alread
 prefill.csv and, where matplotlib is importable, prefill.png into --out. --configs also prints, whenever a point
 makes memattn's autotuners tune a new key, every candidate tile's time (ms, median of the CUDA-graph timer), so a
 weak point can be traced to its config space.
+
+Each provider is timed eagerly (do_bench), launch path included, as a user's model calls it. Where a call's
+device time is under the host time of memattn's launch path (torch.ops dispatch, autograd, Triton's launcher: 0.4
+to 0.55 ms per forward on the H200 machine with torch 2.11 and Triton 3.6, where its kernels took 0.25-0.41 ms in a
+CUDA graph at n = 512), the row measures that path, not the kernel: the n <= 1k forward rows. --configs' times are
+the kernels' own (CUDA-graph replays).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import pyplot, write_csv
+from common import pyplot, spin, write_csv
 
 PROVIDERS = ("memattn", "flash", "cudnn", "efficient")
 
@@ -72,7 +78,8 @@ def measure(fn, q, k, v, causal, mode):
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    ms = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], return_mode="median")
+    spin(step)
+    ms = do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
     return ms, peak
 
 

@@ -225,9 +225,10 @@ def _programs_bucket(programs: int, sms: int) -> int:
 def pdl_wanted(device) -> bool:
     """Programmatic dependent launch of the combine (Hopper and later): its grid is launched while the split kernel
     still runs and waits in-kernel (griddepcontrol) for the partials, instead of starting after a kernel boundary.
-    An experiment, off unless MEMATTN_PDL=1: the combine is 2-3 us of a 6-130 us step on the H200 and where memattn
-    trails SDPA (1-2% at batch 1) that boundary is the suspect; it becomes the default once the benchmark shows it.
-    Never under the interpreter (no griddepcontrol there)."""
+    An experiment, off unless MEMATTN_PDL=1: the combine is 2-3 us of a 6-130 us step on the H200, and where memattn
+    trails SDPA (1-2% at batch 1) that boundary was the suspect. Measured on the H200 (Triton 3.6, batch 1 and 8,
+    4k-128k cached tokens, benchmarks/results/decode_pdl_h200_torch211.csv): within 1% of the plain launch at every
+    point, either way, so it stays off. Never under the interpreter (no griddepcontrol there)."""
     if os.environ.get("MEMATTN_PDL", "0") != "1" or tp._interpret():
         return False
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
