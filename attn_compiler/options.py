@@ -85,7 +85,12 @@ def parse(options: Optional[dict] = None, mode: Optional[str] = None) -> Options
             raise ValueError("memattn: kernels='triton' needs a CUDA device (or TRITON_INTERPRET=1 to run the "
                              "kernels in Triton's interpreter); use kernels='auto' to pick Triton when a GPU is "
                              "present and the reference implementation otherwise")
-    inner = options.get("inner", "eager")
+    # a mode is an Inductor setting: asking for one (torch.compile(..., mode="reduce-overhead") included) means
+    # Inductor compiles the rewritten graph, and with the eager inner it would be silently dropped
+    inner = options.get("inner", "eager" if mode in (None, "default") else "inductor")
     if inner not in INNERS:
         raise ValueError(f"memattn: inner must be one of {', '.join(map(repr, INNERS))}; got {inner!r}")
+    if inner == "eager" and mode not in (None, "default"):
+        raise ValueError(f"memattn: mode {mode!r} is an Inductor mode and applies with inner='inductor' only "
+                         "(the default once a mode is given); inner='eager' runs the rewritten graph op by op")
     return Options(budget, os.fspath(report) if isinstance(report, os.PathLike) else report, kernels, inner, mode)

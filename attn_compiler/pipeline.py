@@ -107,20 +107,21 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, opts, outcome=None):
-    if outcome is not None and outcome.recompute:
-        if opts.inner == "inductor":
-            # Inductor partitions with the min-cut partitioner itself, which honours the recompute tags
-            from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs)
-        return plan_mod.compile_with_plan(gm, example_inputs, outcome, plan_mod.eager_inner)
     if opts.inner == "inductor":
+        # with recompute tags too: Inductor partitions with the min-cut partitioner itself, which honours them
         from torch._inductor.compile_fx import compile_fx
-        config = {}
-        if opts.mode not in (None, "default"):
-            from torch._inductor import list_mode_options
-            config = list_mode_options(opts.mode)
-        return compile_fx(gm, example_inputs, config_patches=config or None)
+        return compile_fx(gm, example_inputs, config_patches=_mode_config(opts.mode))
+    if outcome is not None and outcome.recompute:
+        return plan_mod.compile_with_plan(gm, example_inputs, outcome, plan_mod.eager_inner)
     return gm
+
+
+def _mode_config(mode):
+    """Inductor's config patches for a torch.compile mode (None for the default)."""
+    if mode in (None, "default"):
+        return None
+    from torch._inductor import list_mode_options
+    return list_mode_options(mode) or None
 
 
 def _analyse(gm: fx.GraphModule, example_inputs, what: str):

@@ -81,6 +81,35 @@ def test_mode_and_options_accepted():
     assert attn_compiler.last_report().options.kernels == "reference"
 
 
+def test_a_mode_means_inductor():
+    """A mode is an Inductor setting: given one, the rewritten graph goes to Inductor (not silently dropped by the
+    eager inner); asked for together with inner='eager' it is an error that says so."""
+    assert options.parse().inner == "eager"
+    assert options.parse({"mode": "default"}).inner == "eager"
+    assert options.parse(mode="reduce-overhead").inner == "inductor"
+    assert options.parse({"mode": "max-autotune", "kernels": "reference"}).inner == "inductor"
+    assert options.parse({"mode": "reduce-overhead", "inner": "inductor"}).mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="Inductor mode and applies with inner='inductor'"):
+        options.parse({"inner": "eager", "mode": "reduce-overhead"})
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_inductor_gets_the_mode_with_or_without_recompute(monkeypatch, recompute):
+    """The mode's config patches (CUDA graphs for reduce-overhead) reach Inductor whether or not the budget
+    planner tagged values for recompute (that path once compiled without them)."""
+    import types
+
+    import torch._inductor.compile_fx as cfx
+    from attn_compiler import pipeline
+    seen = []
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, config_patches=None: seen.append(config_patches) or gm)
+    outcome = types.SimpleNamespace(recompute=["x"]) if recompute else None
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    for mode, want in (("reduce-overhead", {"triton.cudagraphs": True}), (None, None)):
+        assert pipeline._inner_compile(gm, [], options.parse({"inner": "inductor", "mode": mode}), outcome) is gm
+        assert seen.pop() == want
+
+
 def test_report_text_and_location(tmp_path):
     path = tmp_path / "r.txt"
     out = torch.compile(scaled.div_scores, backend="memattn", options={"report": str(path)})(*qkv())

@@ -103,3 +103,29 @@ def test_kernels_run_on_the_tensors_gpu_not_the_current_one(m):
     want = torch.nn.functional.scaled_dot_product_attention(*(t.detach().float() for t in (q, k, v)), scale=0.125)
     assert out.device == torch.device("cuda:1") and q.grad.device == torch.device("cuda:1")
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_training_under_cuda_graphs_on_cuda():
+    """mode="reduce-overhead": forward and backward of a rewritten site captured in CUDA graphs (no cudagraph
+    skip) and replayed on new inputs each step, matching eager and the fp64 truth step by step."""
+    from torch._dynamo.utils import counters
+    from helpers import assert_close_to_truth
+    counters.clear()
+    f = torch.compile(scaled.div_scores, backend="memattn", mode="reduce-overhead")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(4):
+        base = [torch.randn(2, 8, 300, 64, device="cuda", generator=g, dtype=torch.float64) for _ in range(3)]
+        dout = torch.randn(2, 8, 300, 64, device="cuda", generator=g).to(torch.bfloat16)
+        results = []
+        for fn, dtype in ((f, torch.bfloat16), (scaled.div_scores, torch.bfloat16),
+                          (scaled.div_scores, torch.float64)):
+            qkv = [t.to(dtype).requires_grad_() for t in base]
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(*qkv)
+            out.backward(dout.to(dtype))
+            results.append([out.detach().clone()] + [t.grad.clone() for t in qkv])
+        for got, eager, truth in zip(*results):
+            assert_close_to_truth(got, eager, truth, torch.bfloat16)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    report = attn_compiler.last_report()
+    assert report.options.inner == "inductor" and len(report.rewritten) == 1

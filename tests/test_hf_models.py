@@ -427,3 +427,37 @@ def test_sliding_window_implies_causal(lo, fill, flag):
         report = check_against_eager(_window_fn(lo, fill), [q, k, v], torch.float32, dynamic=dynamic)
         flags = report.sites[0].flags
         assert flags["causal"] == flag and flags["bool_masks"] == 1, flags
+
+
+@pytest.mark.gpu
+def test_gpt_fast_decode_under_cuda_graphs():
+    """What the README tells launch-bound decode to do: mode="reduce-overhead" (Inductor with CUDA graphs). The
+    prefill and every decode step (one token at a new ``input_pos``, a static cache written in place) run inside
+    captured graphs with no cudagraph skip, the replays read each step's new position and token (they match eager
+    step by step), and the cache buffers are updated in place as in eager."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+
+    def make():
+        layers = [GPTFastAttention(dim=256, n_head=4, n_local_heads=2, max_seq=128, batch=2, sdpa=False)
+                  for _ in range(2)]
+        return Stack(layers).eval().to("cuda", torch.bfloat16)
+    model, ref = make(), make()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="memattn", mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 48, 256, device="cuda", dtype=torch.bfloat16)
+    counters.clear()
+    before = len(attn_compiler.reports())
+    with torch.no_grad():
+        for pos in [torch.arange(20, device="cuda")] + [torch.tensor([p], device="cuda") for p in range(20, 48)]:
+            torch.compiler.cudagraph_mark_step_begin()
+            got = compiled(x[:, pos], pos).clone()
+            torch.testing.assert_close(got.float(), ref(x[:, pos], pos).float(), atol=3e-2, rtol=3e-2)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    for a, b in zip(model.layers, ref.layers):
+        torch.testing.assert_close(a.k_cache.float(), b.k_cache.float(), atol=3e-2, rtol=3e-2)
+    reports = attn_compiler.reports()[before:]
+    assert all(r.options.inner == "inductor" for r in reports)
+    assert [s.kernel for s in reports[0].sites] == ["prefill"] * 2
+    decode = [s for r in reports[1:] for s in r.sites]
+    assert decode and all(s.status == "rewritten" and s.kernel == "decode" for s in decode)
