@@ -41,6 +41,7 @@ tile (chunks are multiples of ``CHUNK_ALIGN`` so that every autotuned BLOCK_N di
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -250,21 +251,33 @@ def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN,
     no combine launch), with a few it is enough splits to fill it. (An H100 sweep, benchmarks/decode.py --sweep,
     found fewer splits never slower at equal efficiency: each split adds a partial to write and combine.)
     Chunks are a multiple of ``align`` (no key tile straddles two chunks) and at least ``min_chunk`` keys (default
-    ``_MIN_CHUNK``) unless the cache is shorter; the last chunk never starts past the cache's end."""
-    min_chunk = max(align, _MIN_CHUNK if min_chunk is None else min_chunk)
-    max_splits = min(_MAX_SPLITS, max(1, n // min_chunk))
-    slots = max(1, _WAVES * sms)
-    programs = max(programs, 1)
+    ``_MIN_CHUNK``) unless the cache is shorter; the last chunk never starts past the cache's end.
 
-    def option(s):  # s splits asked for: chunks rounded up to the alignment, which may need fewer
-        chunk = triton.cdiv(triton.cdiv(n, s), align) * align
-        splits = triton.cdiv(n, chunk)
-        waves = programs * splits / slots
-        return waves / math.ceil(waves), splits, chunk
-    options = [option(s) for s in range(1, max_splits + 1)]
-    best = max(o[0] for o in options)
-    _, splits, chunk = next(o for o in options if o[0] >= _WAVE_EFF * best)
-    return splits, chunk
+    Runs on every decode step's launch, so it is plain integer arithmetic (Triton's cdiv is a constexpr function
+    whose host call costs microseconds, 3 per candidate count, up to 256 counts: 1.6 ms a call at a 64k cache on
+    a 2-core CI machine), stops at the first count with full waves (no later one can be better), and is cached. The
+    answer depends on n only through its number of aligned tiles and of least-size chunks (ceil(ceil(n/s)/a) =
+    ceil(ceil(n/a)/s)), so a cache growing by a token a step asks anew once every ``align`` tokens."""
+    min_chunk = max(align, _MIN_CHUNK if min_chunk is None else min_chunk)
+    tiles = -(-n // align)
+    return _num_splits(max(programs, 1), tiles, n // min_chunk, max(1, _WAVES * sms), align, _MAX_SPLITS, _WAVE_EFF)
+
+
+@functools.lru_cache(maxsize=4096)
+def _num_splits(programs, tiles, most, slots, align, max_splits, wave_eff):
+    """num_splits over ``tiles`` aligned key tiles, at most ``most`` splits by the least chunk."""
+    options = []
+    best = 0.0
+    for s in range(1, min(max_splits, max(1, most)) + 1):
+        per = -(-tiles // s)                        # tiles per chunk; fewer splits than s may then cover the cache
+        splits = -(-tiles // per)
+        started = -(-(programs * splits) // slots)  # waves started, the last one maybe partly idle
+        eff = programs * splits / (slots * started)
+        options.append((eff, splits, per * align))
+        best = max(best, eff)
+        if eff >= 1.0:
+            break
+    return next((splits, chunk) for eff, splits, chunk in options if eff >= wave_eff * best)
 
 
 def supports(*args):
@@ -295,8 +308,8 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
         return out.zero_(), stats.fill_(float("-inf"))
     g = h // hkv
     rows = g * m
-    block_r = min(_MAX_ROWS, max(16, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_r)
+    block_r = min(_MAX_ROWS, max(16, tp.next_pow2(rows)))
+    row_blocks = -(-rows // block_r)
     fixed = tp._fixed_config()
     align = CHUNK_ALIGN if fixed is None else fixed["BLOCK_N"]
     sms = _sm_count(q.device)
@@ -336,7 +349,7 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     if direct:
         return out, stats
     _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,
-                                     z * h * m, BLOCK_S=min(32, max(2, triton.next_power_of_2(splits))),
+                                     z * h * m, BLOCK_S=min(32, max(2, tp.next_pow2(splits))),
                                      BLOCK_DV=block_dv, SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"],
                                      NATURAL=c["flags"]["NATURAL"], PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return out, stats

@@ -927,8 +927,14 @@ def launch_with_tma_fallback(launch, k, v):
 # ------------------------------------------------------------------------------------------------------- host side
 
 
+def next_pow2(n: int) -> int:
+    """The least power of two >= n (n >= 1), in plain Python: Triton's next_power_of_2 is a constexpr function
+    whose host calls cost microseconds each, on every launch."""
+    return 1 << (n - 1).bit_length()
+
+
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _as4(t, shape):
@@ -1049,7 +1055,7 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
+        return (-(-m // meta["BLOCK_M"]), z * h)
 
     def launch(kdesc, vdesc, use_tma):
         args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats, kdesc, vdesc,
@@ -1087,7 +1093,7 @@ def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad:
                *out.stride(), *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv, z * h * m)
 
     def grid_q(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), z * h)
+        return (-(-m // meta["BLOCK_M"]), z * h)
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, dq_args, common_kw)
 
     if bias_grad:
@@ -1105,6 +1111,6 @@ def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad:
                  h, hkv, m, n, c["d"], c["dv"], h // hkv, z * h * m)
 
     def grid_kv(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), z * hkv)
+        return (-(-n // meta["BLOCK_N"]), z * hkv)
     _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, dkdv_args, dict(**common_kw, **db_sum))
     return finish()

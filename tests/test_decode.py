@@ -257,6 +257,42 @@ def test_num_splits_fill_the_machine_and_cover_the_cache():
     assert td.num_splits(1, 100, 132) == (1, 128)
 
 
+def _num_splits_by_definition(programs, n, sms, align, min_chunk, waves, wave_eff, max_splits):
+    """num_splits as its docstring states it: every count from 1 to the most allowed, then the fewest within
+    wave_eff of the best efficiency (no early stop, no cache)."""
+    import math
+    slots = waves * sms
+    options = []
+    for s in range(1, min(max_splits, max(1, n // max(align, min_chunk))) + 1):
+        chunk = math.ceil(math.ceil(n / s) / align) * align
+        splits = math.ceil(n / chunk)
+        w = programs * splits / slots
+        options.append((w / math.ceil(w), splits, chunk))
+    best = max(o[0] for o in options)
+    return next((sp, ch) for e, sp, ch in options if e >= wave_eff * best)
+
+
+def test_num_splits_is_its_definition_and_follows_the_knobs(monkeypatch):
+    """The per-launch version (integer arithmetic, stop at the first full-wave count, cached) picks what the
+    definition picks, for machines of 16 to 132 SMs, and a change of a tuning knob (benchmarks/decode.py --sweep
+    sets them) is not hidden by the cache."""
+    from attn_compiler.codegen import triton_decode as td
+    for sms in (16, 78, 132):
+        for programs in (1, 3, 8, 32, 64, 100, 264, 1000):
+            for n in (1, 100, 128, 1000, 4096, 4097, 65536, 131072, 200_000):
+                for align, min_chunk in ((128, None), (64, 64), (16, 512)):
+                    got = td.num_splits(programs, n, sms, align, min_chunk)
+                    want = _num_splits_by_definition(programs, n, sms, align, min_chunk or td._MIN_CHUNK, td._WAVES,
+                                                     td._WAVE_EFF, td._MAX_SPLITS)
+                    assert got == want, (sms, programs, n, align, min_chunk)
+    base = td.num_splits(8, 65536, 132)
+    monkeypatch.setattr(td, "_WAVE_EFF", 0.99)
+    assert td.num_splits(8, 65536, 132) == _num_splits_by_definition(8, 65536, 132, 128, td._MIN_CHUNK, td._WAVES,
+                                                                     0.99, td._MAX_SPLITS) != base
+    monkeypatch.setattr(td, "_MAX_SPLITS", 4)
+    assert td.num_splits(8, 65536, 132)[0] <= 4
+
+
 def test_pdl_is_opt_in_and_never_on_the_cpu_or_the_interpreter(monkeypatch):
     """MEMATTN_PDL=1 asks for the combine as a programmatic dependent launch: a Hopper-and-later CUDA feature, so
     never for a CPU tensor or under TRITON_INTERPRET, and off unless asked for."""
