@@ -49,6 +49,8 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
                        the host where the layout allows it (see tma_descs; MEMATTN_TMA overrides)
     WARP_SPEC          _attn_fwd with TMA: the K/V loop as tl.range(warp_specialize=True). An experiment, off
                        unless MEMATTN_WS=1 (see _warp_spec_wanted): Triton 3.6 does not compile it on sm_90
+    FUSE_SCALE         _attn_fwd: plain scores (no bias, mask or softcap) and a positive scale: the row max is taken
+                       on qk and scaled per row, and each score is one FMA (qk * qk_scale - m) before exp2
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
@@ -255,7 +257,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
                APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
                NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-               WARP_SPEC: tl.constexpr = False):
+               WARP_SPEC: tl.constexpr = False, FUSE_SCALE: tl.constexpr = False):
     rows = offs_m[:, None]
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -267,13 +269,25 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
             kt = _load_tile(kt_ptrs, offs_d[:, None], cols, D, N, EVEN_D, EVEN_N)
         qk = _dot(q, kt, None, DOT_PREC)
-        s, _t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
-                        qk_scale, softcap_in, softcap_out, fill2, causal_offset,
-                        HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row still at -inf subtracts 0, not -inf (no inf - inf); a row masked everywhere ends as 0/0 = NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp_diff(s, m_safe[:, None], NATURAL)
+        if FUSE_SCALE:
+            # plain scores with qk_scale > 0: the scaled tile is never formed. The row max is taken on qk and
+            # scaled once per row (rounding is monotonic, so it equals the max of the scaled scores), and each
+            # score costs one FMA before exp2 instead of a multiply and a subtract
+            if APPLY_CAUSAL:
+                qk = tl.where(cols <= rows + causal_offset, qk, float("-inf"))
+            if not EVEN_N:
+                qk = tl.where(cols < N, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk * qk_scale - m_safe[:, None])
+        else:
+            s, _t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
+                            qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                            HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row still at -inf subtracts 0, not -inf (no inf - inf); a row masked everywhere ends as 0/0 = NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = _exp_diff(s, m_safe[:, None], NATURAL)
         alpha = _exp_diff(m_i, m_safe, NATURAL)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
@@ -304,8 +318,8 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
-              DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, FUSE_SCALE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "head dims are padded to at least 16 for tl.dot")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:  # the longest rows first: better tail balance across SMs
@@ -350,7 +364,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
                                    HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                   WARP_SPEC)
+                                   WARP_SPEC, FUSE_SCALE)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                    mask_base, rh, offs_m, offs_n,
                                    offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -358,7 +372,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
                                    HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                   WARP_SPEC)
+                                   WARP_SPEC, FUSE_SCALE)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                    mask_base, rh, offs_m, offs_n,
@@ -367,7 +381,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
                                    HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                   WARP_SPEC)
+                                   WARP_SPEC, FUSE_SCALE)
     o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
         o = tl.where((l_i == 0.0)[:, None], 0.0, o)
@@ -1030,6 +1044,13 @@ def _common(q, k, v, bias, mask, seed, spec: Spec):
                 seed=sd, scal=scal, flags=flags)
 
 
+def _fuse_scale(c) -> bool:
+    """The forward's plain-score path (FUSE_SCALE): no bias, mask or softcap, and a positive scale (a negative one
+    would turn the row max of qk into the min of the scores)."""
+    f = c["flags"]
+    return not (f["HAS_BIAS"] or f["HAS_MASK"] or f["SOFTCAP"]) and c["scal"]["qk_scale"] > 0
+
+
 def _even(c, bm, bn):
     return dict(EVEN_M=c["m"] % bm == 0, EVEN_N=c["n"] % bn == 0)
 
@@ -1062,7 +1083,8 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
         _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma,
-                                                              WARP_SPEC=use_tma and _warp_spec_wanted()))
+                                                              WARP_SPEC=use_tma and _warp_spec_wanted(),
+                                                              FUSE_SCALE=_fuse_scale(c)))
     launch_with_tma_fallback(launch, k, v)
     return out, stats
 

@@ -245,9 +245,25 @@ CASES = {
                 dict(strided_dout=True)),
     "strided_fp32_bias": (F32, dict(z=1, h=2, m=18, n=18, d=24, dv=40, strided=True), {},
                           dict(bias=(1, 2, 18, 18), bias_grad=True)),
+    "negative_scale_causal": (BF16, dict(h=4, hkv=2, m=19, n=23, d=32), dict(causal=True, scale=-0.4), {}),
     "m1": (F16, dict(m=1, n=17, d=32), {}, {}),
     "n1": (F32, dict(m=17, n=1, d=32), dict(causal=True, causal_offset=40), {}),
 }
+
+
+def test_fused_scale_only_for_plain_scores_and_a_positive_scale(tp):
+    """FUSE_SCALE (the row max taken on qk, one FMA per score) holds only where the scores are qk * qk_scale with
+    qk_scale > 0; a bias, a mask, a softcap or a scale <= 0 take the general path (the flag grid runs both)."""
+    q, k, v = make(F32)
+    plain = Spec(scale=0.125)
+    assert tp._fuse_scale(tp._common(q, k, v, None, None, None, plain))
+    assert tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=0.125, causal=True)))
+    bias, mask = torch.zeros(17, 17, device=DEV), torch.ones(17, 17, dtype=torch.bool, device=DEV)
+    assert not tp._fuse_scale(tp._common(q, k, v, bias, None, None, plain))
+    assert not tp._fuse_scale(tp._common(q, k, v, None, mask, None, plain))
+    assert not tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=0.125, softcap=5.0)))
+    assert not tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=-0.4)))
+    assert not tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=0.0)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -255,7 +271,7 @@ def test_flag_grid(tp, name):
     dtype, shape, sk, ex = CASES[name]
     g = torch.Generator().manual_seed(hash(name) % 2 ** 31)
     q, k, v = make(dtype, gen=g, **shape)
-    spec = Spec(scale=1.0 / math.sqrt(q.shape[-1]), **sk)
+    spec = Spec(**{"scale": 1.0 / math.sqrt(q.shape[-1]), **sk})
     bias = mask = None
     if "bias" in ex:
         bias = torch.randn(*ex["bias"], generator=g).to(device=DEV, dtype=dtype)
