@@ -49,8 +49,8 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
                        the host where the layout allows it (see tma_descs; MEMATTN_TMA overrides)
     WARP_SPEC          _attn_fwd with TMA: the K/V loop as tl.range(warp_specialize=True). An experiment, off
                        unless MEMATTN_WS=1 (see _warp_spec_wanted): Triton 3.6 does not compile it on sm_90
-    FUSE_SCALE         _attn_fwd: plain scores (no bias, mask or softcap) and a positive scale: the row max is taken
-                       on qk and scaled per row, and each score is one FMA (qk * qk_scale - m) before exp2
+    FUSE_SCALE         plain scores (no bias, mask or softcap) and a positive scale: each score is one FMA
+                       (qk * qk_scale - m) before exp2; the forward takes its row max on qk and scales it per row
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
@@ -237,6 +237,18 @@ def _row_stats(Stats, zh_m, ZHM, offs_m, M, EVEN_M: tl.constexpr, NATURAL: tl.co
 
 
 @triton.jit
+def _plain_prob(qk, rows, cols, N, qk_scale, causal_offset, mrow, APPLY_CAUSAL: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    """FUSE_SCALE's backward p = exp2(qk * qk_scale - mrow) (plain scores in the log2 domain): one FMA per score,
+    masked keys (causal, past N) at -inf before the scale, which is positive."""
+    if APPLY_CAUSAL:
+        qk = tl.where(cols <= rows + causal_offset, qk, float("-inf"))
+    if not EVEN_N:
+        qk = tl.where(cols < N, qk, float("-inf"))
+    return tl.exp2(qk * qk_scale - mrow)
+
+
+@triton.jit
 def _prob(s, mrow, lrow, NATURAL: tl.constexpr):
     if NATURAL:
         return tl.exp2((s - mrow) * 1.4426950408889634 - lrow)
@@ -415,7 +427,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bia
                 EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, HAS_DBIAS: tl.constexpr,
-                DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, NATURAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                FUSE_SCALE: tl.constexpr = False):
     cols = offs_n[:, None]  # tile is [BLOCK_N, BLOCK_M]: keys down, queries across
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -432,10 +445,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bia
         else:
             delta = tl.load(delta_base + offs_m, mask=offs_m < M, other=0.0)
         qkt = _dot(k, qt, None, DOT_PREC)
-        st, tt = _scores(qkt, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
-                         qk_scale, softcap_in, softcap_out, fill2, causal_offset,
-                         HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
-        pt = _prob(st, mrow[None, :], lrow[None, :], NATURAL)
+        if FUSE_SCALE:
+            pt = _plain_prob(qkt, rows, cols, N, qk_scale, causal_offset, mrow[None, :], APPLY_CAUSAL, EVEN_N)
+            tt = pt  # no softcap: unused
+        else:
+            st, tt = _scores(qkt, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M,
+                             N, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                             HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
+            pt = _prob(st, mrow[None, :], lrow[None, :], NATURAL)
         if HAS_DROPOUT:
             drop = _drop_scale(_row_hash(seed, off_zh, offs_m)[None, :], col_mul, dropout_p, inv_keep)
             dv = _dot((pt * drop).to(do.dtype), do, dv, DOT_PREC)
@@ -482,7 +499,8 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
                    HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, HAS_DBIAS: tl.constexpr,
                    DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, NATURAL: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PREC: tl.constexpr, FUSE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     pid_n = tl.program_id(0)
     off_zhk = tl.program_id(1)
@@ -534,7 +552,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
                                  qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
                                  BLOCK_M, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS, HAS_MASK, MASK_KEEP,
                                  HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, NATURAL,
-                                 DOT_PREC)
+                                 DOT_PREC, FUSE_SCALE)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bias_base, mask_base,
                              dbias_base, seed, off_zh, col_mul, offs_n, offs_m0, offs_d, offs_dv, mid, M,
                              stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm,
@@ -542,7 +560,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Mask, Seed, DO, Stats, Delta, DK, DV_, DBias,
                              qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,
                              BLOCK_M, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS, HAS_MASK, MASK_KEEP,
                              HAS_DROPOUT, SOFTCAP, SAFE_SOFTMAX, HAS_DBIAS, DB_SUM_M, DB_SUM_N, NATURAL,
-                                 DOT_PREC)
+                             DOT_PREC, FUSE_SCALE)
     dk_ptrs = (DK + off_z * stride_dkz + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV_ + off_z * stride_dvz + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
@@ -559,7 +577,7 @@ def _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias
               BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
               EVEN_DV: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
               MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-              NATURAL: tl.constexpr, DOT_PREC: tl.constexpr):
+              NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_SCALE: tl.constexpr = False):
     rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -570,10 +588,14 @@ def _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias
         kt = _load_tile(kt_ptrs, offs_d[:, None], cols, D, N, EVEN_D, EVEN_N)
         vt = _load_tile(vt_ptrs, offs_dv[:, None], cols, DV, N, EVEN_DV, EVEN_N)
         qk = _dot(q, kt, None, DOT_PREC)
-        s, t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
-                       qk_scale, softcap_in, softcap_out, fill2, causal_offset,
-                       HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
-        p = _prob(s, mrow[:, None], lrow[:, None], NATURAL)
+        if FUSE_SCALE:
+            p = _plain_prob(qk, rows, cols, N, qk_scale, causal_offset, mrow[:, None], APPLY_CAUSAL, EVEN_N)
+            t = p  # no softcap: unused
+        else:
+            s, t = _scores(qk, rows, cols, bias_base, mask_base, stride_bm, stride_bn, stride_mm, stride_mn, M, N,
+                           qk_scale, softcap_in, softcap_out, fill2, causal_offset,
+                           HAS_BIAS, HAS_MASK, MASK_KEEP, SOFTCAP, APPLY_CAUSAL, EVEN_M, EVEN_N)
+            p = _prob(s, mrow[:, None], lrow[:, None], NATURAL)
         dp = _dot(do, vt, None, DOT_PREC)
         if HAS_DROPOUT:
             dp = dp * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
@@ -605,7 +627,8 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Out, Stats, Delta, DQ,
                  EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DOT_PREC: tl.constexpr, FUSE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -650,20 +673,23 @@ def _attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Out, Stats, Delta, DQ,
                                        stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
                                        M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                                        dropout_p, inv_keep, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False,
-                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC,
+                                       FUSE_SCALE)
         dq, dq_corr, delta = _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base,
                                        mask_base, rh, offs_m, offs_n, offs_d, offs_dv, lo_mask, hi, stride_kn,
                                        stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
                                        M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                                        dropout_p, inv_keep, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True,
-                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC,
+                                       FUSE_SCALE)
     else:
         dq, dq_corr, delta = _dq_inner(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base,
                                        mask_base, rh, offs_m, offs_n, offs_d, offs_dv, 0, N, stride_kn,
                                        stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mm, stride_mn,
                                        M, N, D, DV, qk_scale, softcap_in, softcap_out, fill2, causal_offset,
                                        dropout_p, inv_keep, BLOCK_N, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False,
-                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC)
+                                       HAS_BIAS, HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC,
+                                       FUSE_SCALE)
     dq = (dq - (delta - shift)[:, None] * dq_corr) * scale
     dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
@@ -1107,7 +1133,7 @@ def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad:
     stats = stats.to(torch.float32).contiguous()
     delta = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
     common_kw = dict(**c["scal"], scale=float(spec.scale), BUCKET_M=_bucket(m), BUCKET_N=_bucket(n),
-                     **c["flags"], **_even_all(c, fixed))
+                     **c["flags"], **_even_all(c, fixed), FUSE_SCALE=_fuse_scale(c))
 
     # dq first: it sums the exact delta that the dk/dv kernel's ds (and dbias) needs (see the header)
     dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, out, stats, delta, dq,
