@@ -107,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--sweep-eff", type=float, nargs="+", default=None, help="default: the kernel's _WAVE_EFF")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode.csv / decode.png")
     args = ap.parse_args(argv)
+    # every autotuner times its candidates in this run, not a pick kept on disk by an earlier one
+    os.environ.setdefault("MEMATTN_AUTOTUNE_CACHE", "0")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA device")
     if args.quick:

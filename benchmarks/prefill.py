@@ -101,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for prefill.csv / prefill.png")
     ap.add_argument("--configs", action="store_true", help="print each autotuned tile's time (see above)")
     a = ap.parse_args(argv)
+    # every autotuner times its candidates in this run, not a pick kept on disk by an earlier one
+    os.environ.setdefault("MEMATTN_AUTOTUNE_CACHE", "0")
     if a.quick:
         a.d, a.n = [64, 128], [2048, 4096]
     if not torch.cuda.is_available():

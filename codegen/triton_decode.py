@@ -211,11 +211,11 @@ def _prune_split(configs, named_args, **kwargs):
 # The key holds what decides the best tile of a memory-bound stream: the keys each program walks (BUCKET_N, the
 # chunk's length bucket) and how many programs share the machine (BUCKET_P, see _programs_bucket): on the H200,
 # batch 64 (512 programs) ran at 87% of HBM peak with the tile tuned at batch 32 (256), at 94-97% with its own.
-_decode_split_tuned = triton.autotune(
-    _SPLIT_CONFIGS, key=["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "BUCKET_P", "IS_CAUSAL", "HAS_BIAS",
-                         "HAS_MASK", "SOFTCAP", "DIRECT", "USE_TMA",
-                         "DOT_PREC"],  # fp32 tiles take twice the shared memory (see the prune)
-    do_bench=tp.graph_bench, prune_configs_by={"early_config_prune": _prune_split})(_decode_split)
+_decode_split_tuned = tp._autotuned(
+    "decode", _decode_split, _SPLIT_CONFIGS,
+    ["BLOCK_R", "BLOCK_D", "BLOCK_DV", "BUCKET_N", "BUCKET_P", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "SOFTCAP",
+     "DIRECT", "USE_TMA", "DOT_PREC"],  # fp32 tiles take twice the shared memory (see the prune)
+    _prune_split)
 
 
 def _programs_bucket(programs: int, sms: int) -> int:
@@ -336,8 +336,10 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
         if fixed is None:
-            _decode_split_tuned[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0,
-                                      DIRECT=direct, USE_TMA=use_tma, **buckets)
+            kw = dict(scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0, DIRECT=direct, USE_TMA=use_tma,
+                      **buckets)
+            _decode_split_tuned[grid](*args, **kw)
+            _decode_split_tuned.memattn_disk.after_launch(_decode_split_tuned, args, kw)
         else:
             bn = fixed["BLOCK_N"]
             if use_tma:

@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, tune_cache
 from .reference import Spec
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
@@ -843,13 +843,21 @@ def graph_bench(fn, quantiles=None):
 
 _KEY = ["BUCKET_M", "BUCKET_N", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT", "SOFTCAP",
         "DOT_PREC"]
-_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["USE_TMA", "WARP_SPEC"], do_bench=graph_bench,
-                                  prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY + ["HAS_DBIAS"], reset_to_zero=["DBias"],
-                                       do_bench=graph_bench,
-                                       prune_configs_by={"early_config_prune": _prune_dkdv})(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, do_bench=graph_bench,
-                                     prune_configs_by={"early_config_prune": _prune_dq})(_attn_bwd_dq)
+
+
+def _autotuned(name, fn, configs, key, prune, **kw):
+    """triton.autotune with the picks kept on disk (codegen/tune_cache.py)."""
+    disk = tune_cache.DiskTuning(name, fn, key)
+    tuner = triton.autotune(configs, key=key, do_bench=graph_bench,
+                            prune_configs_by={"early_config_prune": disk.prune(prune)}, **kw)(fn)
+    tuner.memattn_disk = disk
+    return tuner
+
+
+_attn_fwd_tuned = _autotuned("fwd", _attn_fwd, _FWD_CONFIGS, _KEY + ["USE_TMA", "WARP_SPEC"], _prune_fwd)
+_attn_bwd_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv, _DKDV_CONFIGS, _KEY + ["HAS_DBIAS"], _prune_dkdv,
+                                  reset_to_zero=["DBias"])
+_attn_bwd_dq_tuned = _autotuned("dq", _attn_bwd_dq, _DQ_CONFIGS, _KEY, _prune_dq)
 
 # name -> (autotuned kernel, its prune, its config space): one table for what inspects the spaces
 # (benchmarks/prefill.py --configs, benchmarks/kernel_resources.py, the every-candidate GPU test)
@@ -891,6 +899,7 @@ def _launch(tuned, raw, grid_fn, args, kwargs):
     cfg = _fixed_config()
     if cfg is None:
         tuned[grid_fn](*args, **kwargs)
+        tuned.memattn_disk.after_launch(tuned, args, kwargs)
     else:
         if kwargs.get("USE_TMA"):
             tma_block_hook({**dict(zip(raw.arg_names, args)), **kwargs, **cfg})

@@ -16,6 +16,14 @@ TOL = {
 }
 
 
+def pytest_configure(config):
+    # autotune picks on disk (codegen/tune_cache.py) go to a directory of this run, not the user's cache: a test
+    # run neither reads picks timed elsewhere nor leaves its own behind (subprocesses inherit it)
+    import tempfile
+    if "MEMATTN_CACHE_DIR" not in os.environ:
+        os.environ["MEMATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="memattn-test-cache-")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(monkeypatch):
     """Every test compiles from scratch, with reference tiles small enough that short sequences cross tiles."""

@@ -583,3 +583,36 @@ def test_gpu_int64_offsets(tp):
     want, _ = reference.attention_forward(q[:, last].float(), k[:, last].float(), v[:, last].float(), None, None,
                                           None, Spec(scale=d ** -0.5), block_m=128, block_n=128)
     torch.testing.assert_close(out[:, last].float(), want, rtol=2e-2, atol=2e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_autotune_pick_from_disk(tp, tmp_path, monkeypatch):
+    """A later process takes the pick an earlier one timed (codegen/tune_cache.py): here the autotuner's memory and
+    the disk tables are cleared between two calls; the second times no candidate and computes the same output."""
+    monkeypatch.setenv("MEMATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MEMATTN_AUTOTUNE_CACHE", raising=False)
+    tuner = tp._attn_fwd_tuned
+    disk = tuner.memattn_disk
+
+    def forget():
+        tuner.cache.clear()
+        disk._tables.clear()
+        disk._seen.clear()
+    q, k, v = make(BF16, z=2, h=4, m=1000, n=1000, d=64)
+    spec = Spec(scale=0.125, causal=True)
+    forget()
+    try:
+        out, _ = tp.forward(q, k, v, None, None, None, spec)
+        assert list(tmp_path.glob("autotune-fwd-*.json"))
+        pick = tuner.best_config
+        forget()
+
+        def no_timing(*a, **kw):
+            raise AssertionError("a candidate was timed although the pick was on disk")
+        monkeypatch.setattr(tuner, "_do_bench", no_timing)  # the timer behind the do_bench property
+        again, _ = tp.forward(q, k, v, None, None, None, spec)
+        assert str(tuner.best_config) == str(pick)
+        assert torch.equal(out, again)
+    finally:
+        forget()
