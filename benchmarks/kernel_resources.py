@@ -3,13 +3,17 @@
     python benchmarks/kernel_resources.py                            # every kernel, d in {64, 128, 256}, sm_90a
     python benchmarks/kernel_resources.py --kernel dkdv --d 256 --extra 32,32,8,2
     python benchmarks/kernel_resources.py --kernel fwd --causal --bucket 1 --arch 80
+    python benchmarks/kernel_resources.py --kernel fwd --d 64 --causal --sass --set FUSE_SCALE=0   # A/B a flag
 
 No GPU is needed: Triton compiles for the named target and this script runs the ptxas Triton ships on the PTX
 (``ptxas -v``). A tile that spills ("bytes spill stores" per thread) pays local-memory traffic in its inner loop;
 this is how the backward spaces of codegen/triton_prefill.py got spill-light candidates without GPU time. Speed
 is still the GPU benchmark's call (benchmarks/prefill.py --configs): this only says which tiles are worth timing.
 
-Each kernel is compiled for bf16 inputs without bias, mask or dropout, pointer loads (no TMA), head dim d for
+--sass also counts the instructions of the compiled code (cuobjdump, shipped with Triton next to ptxas): all, and
+the classes the softmax spends its time in (FMUL, FFMA, FADD, MUFU = exp2, FMNMX, FSEL) against HGMMA (the MMAs).
+Static counts, not time, but the same kernel with a flag flipped (--set NAME=VALUE overrides a constexpr) shows what
+a change removes from the code; e.g. FUSE_SCALE=0 vs 1. Each kernel is compiled for bf16 inputs without bias, mask or dropout, pointer loads (no TMA), head dim d for
 both q/k and v; the candidates are the kernel's pruned autotune space for that d, --bucket and --causal, plus
 --extra tiles (d,BLOCK_M,BLOCK_N,warps,stages; the decode kernel's BLOCK_M is its row block). Triton's code
 depends on its version: run this with the Triton of the GPU machine (e.g. pip install triton==3.6.0 in a venv).
@@ -90,8 +94,28 @@ def signature(kernel, consts: dict, d: int) -> tuple[dict, dict, dict]:
     return sig, values, attrs
 
 
-def resources(kernel, consts: dict, warps: int, stages: int, arch: int) -> dict:
-    """Compile for sm_<arch> and read ptxas -v: registers and spill stores per thread, shared memory per block."""
+SASS_CLASSES = ("FMUL", "FFMA", "FADD", "MUFU", "FMNMX", "FSEL", "HGMMA")
+
+
+def sass_counts(cubin: bytes, arch: int) -> dict:
+    """Instruction counts of a cubin: 'all', and per opcode (the mnemonic before its first dot)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    tool = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    counts = {"all": len(ops)}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def resources(kernel, consts: dict, warps: int, stages: int, arch: int, sass: bool = False) -> dict:
+    """Compile for sm_<arch> and read ptxas -v: registers and spill stores per thread, shared memory per block
+    (and with ``sass`` the instruction counts, see sass_counts)."""
     sig, values, attrs = signature(kernel, consts, consts["BLOCK_D"])
     start = time.time()
     k = triton.compile(ASTSource(kernel, sig, values, attrs), target=GPUTarget("cuda", arch, 32),
@@ -108,7 +132,8 @@ def resources(kernel, consts: dict, warps: int, stages: int, arch: int) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     return dict(regs=int(regs.group(1)) if regs else -1, spill_bytes=int(spills.group(1)) if spills else 0,
-                shared=k.metadata.shared, compile_s=seconds, cp_async=k.asm["ptx"].count("cp.async.c"))
+                shared=k.metadata.shared, compile_s=seconds, cp_async=k.asm["ptx"].count("cp.async.c"),
+                sass=sass_counts(k.asm["cubin"], arch) if sass else None)
 
 
 def candidates(name: str, d: int, bucket: int, causal: bool, extra: list[str]) -> list[tuple]:
@@ -127,6 +152,23 @@ def candidates(name: str, d: int, bucket: int, causal: bool, extra: list[str]) -
     return tiles
 
 
+def parse_overrides(items: list) -> dict:
+    """NAME=VALUE pairs of constexpr flags; a name must be one of flags()'s."""
+    known = flags(64, False)
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--set {item!r}: want NAME=VALUE with NAME one of {', '.join(sorted(known))}")
+        if isinstance(known[name], bool):
+            out[name] = value.lower() in ("1", "true")
+        elif isinstance(known[name], int):
+            out[name] = int(value)
+        else:
+            out[name] = value
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
@@ -135,19 +177,26 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (sm_90a), 80")
     ap.add_argument("--extra", nargs="*", default=[], help="more tiles: d,BLOCK_M,BLOCK_N,warps,stages")
+    ap.add_argument("--sass", action="store_true", help="also count instructions (see above)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexpr flags (ints)")
     a = ap.parse_args(argv)
+    overrides = parse_overrides(a.set)
     print(f"# triton {triton.__version__}, sm_{a.arch}, bf16, bucket {a.bucket}, "
           f"{'causal' if a.causal else 'not causal'}, pointer loads")
-    print(f"{'kernel':6} {'d':>3} {'tile':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'spill B':>7} {'smem KiB':>8}")
+    if overrides:
+        print(f"# flags set: {overrides}")
+    head = f"{'kernel':6} {'d':>3} {'tile':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'spill B':>7} {'smem KiB':>8}"
+    print(head + ("".join(f" {c:>6}" for c in ("all",) + SASS_CLASSES) if a.sass else ""))
     for name in a.kernel:
         kernel = KERNELS[name][0]
         for d in a.d:
             for d_, bm, bn, w, s in candidates(name, d, a.bucket, a.causal, a.extra):
-                consts = dict(flags(d_, a.causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=bm)
-                r = resources(kernel, consts, w, s, a.arch)
+                consts = dict(flags(d_, a.causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=bm, **overrides)
+                r = resources(kernel, consts, w, s, a.arch, sass=a.sass)
                 tile = f"{bm}x{bn}"
+                counts = "".join(f" {r['sass'].get(c, 0):>6}" for c in ("all",) + SASS_CLASSES) if a.sass else ""
                 print(f"{name:6} {d_:>3} {tile:>7} {w:>5} {s:>6} {r['regs']:>4} {r['spill_bytes']:>7} "
-                      f"{r['shared'] / 1024:>8.1f}", flush=True)
+                      f"{r['shared'] / 1024:>8.1f}{counts}", flush=True)
     return 0
 
 

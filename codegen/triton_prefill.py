@@ -758,7 +758,9 @@ def _prune_fwd(configs, named_args, **kwargs):
         if bm == 64 and not small_m and d < 256:
             return False
         if d <= 64:
-            return bn in (64, 128) and w == 4 and s in (3, 4)
+            # 128 x 128 on 4 warps spills (Triton 3.6, sm_90a: 8 B a thread, 28 B before FUSE_SCALE; ptxas -v via
+            # benchmarks/kernel_resources.py), on 8 warps it does not: both are timed
+            return (bn in (64, 128) and w == 4 and s in (3, 4)) or (bm == 128 and bn == 128 and w == 8 and s == 3)
         if d <= 128:
             # short causal rows also try 64-row blocks on 4 warps (H200, d=128 causal: 0.55x flash at n=512 and
             # 0.73x at 1k with the 8-warp tiles alone)

@@ -35,3 +35,23 @@ def test_unknown_parameter_names_fail_loudly(monkeypatch):
     monkeypatch.delitem(kr.POINTERS, "Q")
     with pytest.raises(ValueError, match="'Q' is not classified"):
         kr.signature(kr.KERNELS["fwd"][0], dict(kr.flags(64, False), BLOCK_M=64, BLOCK_N=64), 64)
+
+
+def test_sass_counts_show_what_fused_scale_removes():
+    """--sass with --set: the forward's plain-score path (FUSE_SCALE) compiles to fewer instructions than the
+    general one for the same tile, with fewer FMULs (the scaled tile is never formed), and the same MMAs and exp2s."""
+    kernel = kr.KERNELS["fwd"][0]
+    counts = {}
+    for fuse in (False, True):
+        consts = dict(kr.flags(64, True), **kr.parse_overrides([f"FUSE_SCALE={int(fuse)}"]), BLOCK_M=128, BLOCK_N=64)
+        counts[fuse] = kr.resources(kernel, consts, 4, 3, 90, sass=True)["sass"]
+    assert counts[True]["all"] < counts[False]["all"], counts
+    assert counts[True]["FMUL"] < counts[False]["FMUL"]
+    assert counts[True]["HGMMA"] == counts[False]["HGMMA"] > 0
+    assert counts[True]["MUFU"] == counts[False]["MUFU"] > 0
+
+
+def test_set_rejects_unknown_flags():
+    with pytest.raises(ValueError, match="want NAME=VALUE with NAME one of"):
+        kr.parse_overrides(["FUSE_SCALES=1"])
+    assert kr.parse_overrides(["FUSE_SCALE=0", "DOT_PREC=ieee"]) == {"FUSE_SCALE": False, "DOT_PREC": "ieee"}
