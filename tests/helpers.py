@@ -31,7 +31,15 @@ def assert_close_to_truth(got, eager, truth, dtype, what="output"):
     """|got - truth| <= MULT * |eager - truth| + ATOL, NaNs where (and only where) the truth has them."""
     atol, mult = TOL[dtype]
     assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
-    assert torch.equal(got.isnan(), truth.isnan()), f"{what}: NaN pattern differs from the fp64 truth"
+    # eager itself can be NaN where the truth is not: torch's CPU bf16 matmul (2.13, AVX-512) lets a NaN row of p
+    # (a fully masked row) leak into the next row of p @ v. There eager counts as exact (which only tightens the
+    # budget), and so may the compiled graph where it ran the same aten ops (a site left alone); everywhere else
+    # the NaN patterns must agree
+    eager_own = eager.isnan() & ~truth.isnan()
+    assert torch.equal(got.isnan() & ~eager_own, truth.isnan() & ~eager_own), (
+        f"{what}: NaN pattern differs from the fp64 truth")
+    eager = torch.where(eager_own, truth.to(eager.dtype), eager)
+    got = torch.where(eager_own & got.isnan(), truth.to(got.dtype), got)
     err, base = _max_err(got, truth), _max_err(eager, truth)
     assert err <= mult * base + atol, (
         f"{what}: error {err:.3g} vs eager's {base:.3g} (dtype {dtype}, budget {mult}x + {atol})\n"

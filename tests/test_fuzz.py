@@ -267,6 +267,14 @@ REGRESSIONS = {
     # landed on 26.0 by luck). The harness now rounds dO to the dtype for the truth too
     "bf16_grad_output_rounding": _prog(b=2, sq=33, sk=33, dtype=torch.bfloat16, softmax_cast=True, mask="bool_fill",
                                        mask_shape="bhss", causal="tril", big=True, seed=1),
+    # the ci profile on an AVX-512 CPU: eager's bf16 p @ v (torch 2.13's CPU GEMM) put NaN in row 7, next to the
+    # fully masked row 8, where the truth and memattn are finite; the harness's eager error was then NaN and no
+    # budget could hold. Eager's NaNs where the truth has none now count as exact for eager, and for a site left
+    # alone (another user of the scores), whose compiled graph runs the same matmul
+    "bf16_eager_nan_leaks_into_the_next_row": _prog(b=2, sq=17, sk=17, d=8, dtype=torch.bfloat16, mask="bool_fill",
+                                                    dead_row=True),
+    "bf16_eager_nan_leaks_into_the_next_row_left_alone": _prog(b=2, h=2, sq=23, sk=23, d=2, dtype=torch.bfloat16,
+                                                               mask="bool_fill", dead_row=True, extra_user="scores"),
 }
 
 
