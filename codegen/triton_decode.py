@@ -42,7 +42,6 @@ tile (chunks are multiples of ``CHUNK_ALIGN`` so that every autotuned BLOCK_N di
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch

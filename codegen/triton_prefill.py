@@ -63,7 +63,6 @@ Batch/head offsets are int64; offsets inside one head are int32 (rows * stride <
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import warnings
