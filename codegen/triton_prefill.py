@@ -1081,8 +1081,9 @@ def _common(q, k, v, bias, mask, seed, spec: Spec):
 
 
 def _fuse_scale(c) -> bool:
-    """The forward's plain-score path (FUSE_SCALE): no bias, mask or softcap, and a positive scale (a negative one
-    would turn the row max of qk into the min of the scores)."""
+    """The kernels' plain-score path (FUSE_SCALE, forward and backward): no bias, mask or softcap (so scores stay
+    in the log2 domain), and a positive scale (a negative one would turn the forward's row max of qk into the min
+    of the scores, and the -inf of a masked key into +inf)."""
     f = c["flags"]
     return not (f["HAS_BIAS"] or f["HAS_MASK"] or f["SOFTCAP"]) and c["scal"]["qk_scale"] > 0
 
