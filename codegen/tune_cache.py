@@ -4,7 +4,8 @@ training restart or a new generation server would otherwise pay them again on it
 
 How it rides on ``triton.autotune``: the autotuner calls its early prune only for a key it has not tuned in this
 process. The prune wrapped by ``DiskTuning.prune`` looks the key up on disk first; on a hit that is still among the
-candidates the prune keeps, it returns that one config, which the autotuner then takes without timing anything. After
+candidates the prune keeps, it returns that one config, so the autotuner compiles and times that one instead of the
+whole pruned space (Triton 3.6 still times a lone candidate once; later versions take it untimed). After
 each launch through the autotuner, ``DiskTuning.after_launch`` notices a key tuned in this process (the autotuner's
 cache grew) and writes its pick. Triton's own disk cache of autotune results (``cache_results``) skips every config
 space with a pre-hook, which the forward kernels' TMA block-shape hook is.

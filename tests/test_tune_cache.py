@@ -1,4 +1,4 @@
-"""Autotune picks on disk (codegen/tune_cache.py): a later process takes an earlier one's pick without timing, only
+"""Autotune picks on disk (codegen/tune_cache.py): a later process prunes to an earlier one's pick (no space to time), only
 for the same kernel source, Triton, GPU model and key, only a pick the prune still keeps; never a crash."""
 import json
 import os
@@ -50,7 +50,7 @@ def tune(disk, kwargs, pick, args=None):
 KW = dict(BUCKET_M=2, IS_CAUSAL=True, BLOCK_D=64)
 
 
-def test_a_later_process_takes_the_pick_without_timing(_disk):
+def test_a_later_process_prunes_to_the_pick(_disk):
     first = tune_cache.DiskTuning("fwd", kernel_fn(), ["BUCKET_M", "IS_CAUSAL", "BLOCK_D"])
     assert len(tune(first, KW, CONFIGS[5])) == len(CONFIGS)   # nothing on disk: every candidate is timed
     files = list(_disk.iterdir())
