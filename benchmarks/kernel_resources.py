@@ -13,10 +13,13 @@ is still the GPU benchmark's call (benchmarks/prefill.py --configs): this only s
 --sass also counts the instructions of the compiled code (cuobjdump, shipped with Triton next to ptxas): all, and
 the classes the softmax spends its time in (FMUL, FFMA, FADD, MUFU = exp2, FMNMX, FSEL) against HGMMA (the MMAs).
 Static counts, not time, but the same kernel with a flag flipped (--set NAME=VALUE overrides a constexpr) shows what
-a change removes from the code; e.g. FUSE_SCALE=0 vs 1. Each kernel is compiled for bf16 inputs without bias, mask or dropout, pointer loads (no TMA), head dim d for
-both q/k and v; the candidates are the kernel's pruned autotune space for that d, --bucket and --causal, plus
---extra tiles (d,BLOCK_M,BLOCK_N,warps,stages; the decode kernel's BLOCK_M is its row block). Triton's code
-depends on its version: run this with the Triton of the GPU machine (e.g. pip install triton==3.6.0 in a venv).
+a change removes from the code; e.g. FUSE_SCALE=0 vs 1.
+
+Each kernel is compiled for bf16 inputs without bias, mask or dropout, pointer loads (no TMA), head dim d for both
+q/k and v; the candidates are the kernel's pruned autotune space for that d, --bucket and --causal, plus --extra
+tiles (d,BLOCK_M,BLOCK_N,warps,stages; the decode kernel's BLOCK_M is its row block). Triton's code depends on its
+version: run this with the Triton of the GPU machine (e.g. ``pip install --no-deps --target /tmp/t36
+triton==3.6.0``, then ``PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py ...``).
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ that the GPU always keeps up, so the time per call is the host's. The entry poin
     module        triton_prefill.forward / triton_decode.forward (argument preparation and the launches)
     autotuned     prefill only: the forward kernel's launch through its autotuner, as module makes it
     direct        prefill only: the same kernel launched with the autotuner's pick, not through the autotuner
-Each memattn row's "own" time is its time less the next row's: what that layer adds. SDPA rows (flash / cuDNN / the default
-choice) are the baseline a user compares with. Prints a table; writes launch_overhead.csv into --out.
+Each memattn row's "own" time is its time less the next row's: what that layer adds. SDPA rows (flash / cuDNN /
+the default choice) are the baseline a user compares with. Prints a table; writes launch_overhead.csv into --out.
 """
 from __future__ import annotations
 

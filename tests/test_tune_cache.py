@@ -1,5 +1,6 @@
-"""Autotune picks on disk (codegen/tune_cache.py): a later process prunes to an earlier one's pick (no space to time), only
-for the same kernel source, Triton, GPU model and key, only a pick the prune still keeps; never a crash."""
+"""Autotune picks on disk (codegen/tune_cache.py): a later process prunes to an earlier one's pick (no space to
+time), only for the same kernel source, Triton, GPU model and key, only a pick the prune still keeps; never a
+crash."""
 import json
 import os
 import types
