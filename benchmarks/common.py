@@ -39,3 +39,9 @@ def spin(step, ms: float = 200.0) -> None:
     while time.perf_counter() < end:
         step()
         torch.cuda.synchronize()
+
+
+def tune_afresh() -> None:
+    """Every autotuner times its candidates in this run, not a pick kept on disk by an earlier one
+    (codegen/tune_cache.py), unless MEMATTN_AUTOTUNE_CACHE says otherwise."""
+    os.environ.setdefault("MEMATTN_AUTOTUNE_CACHE", "0")

@@ -35,7 +35,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import pyplot, spin, write_csv
+from common import pyplot, spin, tune_afresh, write_csv
 
 PROVIDERS = ("memattn", "sdpa_gqa", "sdpa_repeat", "flash_repeat")
 
@@ -107,8 +107,7 @@ def main(argv=None):
     ap.add_argument("--sweep-eff", type=float, nargs="+", default=None, help="default: the kernel's _WAVE_EFF")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode.csv / decode.png")
     args = ap.parse_args(argv)
-    # every autotuner times its candidates in this run, not a pick kept on disk by an earlier one
-    os.environ.setdefault("MEMATTN_AUTOTUNE_CACHE", "0")
+    tune_afresh()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA device")
     if args.quick:

@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import pyplot, spin, write_csv
+from common import pyplot, spin, tune_afresh, write_csv
 
 PROVIDERS = ("memattn", "flash", "cudnn", "efficient")
 
@@ -101,8 +101,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for prefill.csv / prefill.png")
     ap.add_argument("--configs", action="store_true", help="print each autotuned tile's time (see above)")
     a = ap.parse_args(argv)
-    # every autotuner times its candidates in this run, not a pick kept on disk by an earlier one
-    os.environ.setdefault("MEMATTN_AUTOTUNE_CACHE", "0")
+    tune_afresh()
     if a.quick:
         a.d, a.n = [64, 128], [2048, 4096]
     if not torch.cuda.is_available():

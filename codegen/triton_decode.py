@@ -231,7 +231,7 @@ def pdl_wanted(device) -> bool:
     point, either way, so it stays off. Never under the interpreter (no griddepcontrol there)."""
     if os.environ.get("MEMATTN_PDL", "0") != "1" or tp._interpret():
         return False
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return tp.hopper_or_later(device)
 
 
 def _sm_count(device) -> int:
@@ -335,10 +335,9 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
         if fixed is None:
-            kw = dict(scal, BLOCK_R=block_r, **flags, EVEN_N=n % CHUNK_ALIGN == 0, DIRECT=direct, USE_TMA=use_tma,
-                      **buckets)
-            _decode_split_tuned[grid](*args, **kw)
-            _decode_split_tuned.memattn_disk.after_launch(_decode_split_tuned, args, kw)
+            tp.launch_tuned(_decode_split_tuned, grid, args, dict(scal, BLOCK_R=block_r, **flags, DIRECT=direct,
+                                                                  EVEN_N=n % CHUNK_ALIGN == 0, USE_TMA=use_tma,
+                                                                  **buckets))
         else:
             bn = fixed["BLOCK_N"]
             if use_tma:

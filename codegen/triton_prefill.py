@@ -195,11 +195,17 @@ def _scores(qk, rows, cols, bias_ptr, mask_ptr, stride_bm, stride_bn, stride_mm,
         s = s + b.to(tl.float32)  # a bias implies NATURAL: scores stay in natural units
     if HAS_MASK:
         s = _apply_mask(s, mask_ptr, rows, cols, stride_mm, stride_mn, M, N, fill2, MASK_KEEP, EVEN_M, EVEN_N)
+    return _key_masks(s, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N), t
+
+
+@triton.jit
+def _key_masks(x, rows, cols, N, causal_offset, APPLY_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    """The score tile's key masks, the ones every path takes: -inf above the causal diagonal and past N."""
     if APPLY_CAUSAL:
-        s = tl.where(cols <= rows + causal_offset, s, float("-inf"))
+        x = tl.where(cols <= rows + causal_offset, x, float("-inf"))
     if not EVEN_N:
-        s = tl.where(cols < N, s, float("-inf"))
-    return s, t
+        x = tl.where(cols < N, x, float("-inf"))
+    return x
 
 
 @triton.jit
@@ -240,11 +246,7 @@ def _plain_prob(qk, rows, cols, N, qk_scale, causal_offset, mrow, APPLY_CAUSAL: 
                 EVEN_N: tl.constexpr):
     """FUSE_SCALE's backward p = exp2(qk * qk_scale - mrow) (plain scores in the log2 domain): one FMA per score,
     masked keys (causal, past N) at -inf before the scale, which is positive."""
-    if APPLY_CAUSAL:
-        qk = tl.where(cols <= rows + causal_offset, qk, float("-inf"))
-    if not EVEN_N:
-        qk = tl.where(cols < N, qk, float("-inf"))
-    return tl.exp2(qk * qk_scale - mrow)
+    return tl.exp2(_key_masks(qk, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N) * qk_scale - mrow)
 
 
 @triton.jit
@@ -284,10 +286,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             # plain scores with qk_scale > 0: the scaled tile is never formed. The row max is taken on qk and
             # scaled once per row (rounding is monotonic, so it equals the max of the scaled scores), and each
             # score costs one FMA before exp2 instead of a multiply and a subtract
-            if APPLY_CAUSAL:
-                qk = tl.where(cols <= rows + causal_offset, qk, float("-inf"))
-            if not EVEN_N:
-                qk = tl.where(cols < N, qk, float("-inf"))
+            qk = _key_masks(qk, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk * qk_scale - m_safe[:, None])
@@ -896,11 +895,16 @@ def _fixed_config():
     return None
 
 
+def launch_tuned(tuned, grid, args, kwargs):
+    """Launch through an autotuner built by _autotuned, and keep a pick it tuned in this call on disk."""
+    tuned[grid](*args, **kwargs)
+    tuned.memattn_disk.after_launch(tuned, args, kwargs)
+
+
 def _launch(tuned, raw, grid_fn, args, kwargs):
     cfg = _fixed_config()
     if cfg is None:
-        tuned[grid_fn](*args, **kwargs)
-        tuned.memattn_disk.after_launch(tuned, args, kwargs)
+        launch_tuned(tuned, grid_fn, args, kwargs)
     else:
         if kwargs.get("USE_TMA"):
             tma_block_hook({**dict(zip(raw.arg_names, args)), **kwargs, **cfg})
@@ -920,6 +924,11 @@ def _tma_wanted(device) -> bool:
         return False
     if _interpret():
         return mode == "1"
+    return hopper_or_later(device)
+
+
+def hopper_or_later(device) -> bool:
+    """A CUDA device of compute capability 9 or more (TMA, programmatic dependent launch)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
