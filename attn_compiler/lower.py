@@ -92,7 +92,39 @@ def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     _drop_identity_dropout_clones(lowered.graph)
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
+    carry_dynamo_metadata(gm, lowered)
     return lowered
+
+
+# What AOTAutograd reads off a Dynamo graph (torch/_functorch/_aot_autograd/frontend_utils.py) to tell its static
+# inputs (parameters, buffers, marked static addresses) from the rest. CUDA graphs (mode="reduce-overhead") copy a
+# non-static input into graph-owned memory on every replay and refuse a graph that mutates one in place (a KV
+# cache buffer written at input_pos), so a lowered graph without them loses both.
+_PLACEHOLDER_ATTRS = ("_dynamo_source",)
+_PLACEHOLDER_META = ("tensor_dict", "grapharg")
+
+
+def carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Give ``dst`` (a retrace of ``src`` with the same inputs in the same order) ``src``'s Dynamo metadata: the
+    graph's meta entries it lacks, the parameter-to-source map, and each placeholder's source and tensor attributes.
+    All or nothing: AOTAutograd takes a graph with a Dynamo compile id for Dynamo's and then needs every placeholder's
+    source, so with a different number of placeholders nothing is carried (the graph is then compiled as a plain
+    one, its inputs all non-static)."""
+    old = src.graph.find_nodes(op="placeholder")
+    new = dst.graph.find_nodes(op="placeholder")
+    if len(old) != len(new) or not old or not all(hasattr(n, "_dynamo_source") for n in old):
+        return
+    for key, value in src.meta.items():
+        dst.meta.setdefault(key, value)
+    if hasattr(src, "_param_name_to_source"):
+        dst._param_name_to_source = src._param_name_to_source
+    for a, b in zip(old, new):
+        for attr in _PLACEHOLDER_ATTRS:
+            if hasattr(a, attr):
+                setattr(b, attr, getattr(a, attr))
+        for key in _PLACEHOLDER_META:
+            if key in a.meta:
+                b.meta[key] = a.meta[key]
 
 
 def _is_dropout(fn) -> bool:

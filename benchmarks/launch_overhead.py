@@ -7,7 +7,7 @@ launch go, against SDPA's host time on the same shapes.
 A short call is bound by the host when its launch path takes longer than its kernel: the GPU then waits on Python.
 Each row times N back-to-back calls of one entry point with no synchronisation between them, on shapes so small
 that the GPU always keeps up, so the time per call is the host's. The entry points, outermost first:
-    op+autograd   torch.ops.memattn.attention with q, k, v requiring grad (dispatcher, autograd node, custom op)
+    op+autograd   torch.ops.memattn.attention with q, k, v requiring grad (dispatcher, autograd node, op)
     op            the same under torch.no_grad (no autograd node)
     dispatch      attn_compiler.codegen.dispatch.forward (the routing: kernel choice, support check, device guard)
     module        triton_prefill.forward / triton_decode.forward (argument preparation and the launches)

@@ -29,11 +29,17 @@ def is_decode(m: int, dropout_p: float) -> bool:
     return m <= DECODE_MAX_Q and dropout_p == 0
 
 
+_modules: dict = {}
+
+
 def _triton_module(name: str):
-    try:
-        return importlib.import_module(f".{name}", __package__)
-    except ImportError:
-        return None
+    """The kernel module, imported on first use (Triton is optional) and then looked up: this runs on every call."""
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f".{name}", __package__)
+        except ImportError:
+            _modules[name] = None
+    return _modules[name]
 
 
 def _wants_triton(q, kernel: str) -> bool:

@@ -461,3 +461,32 @@ def test_gpt_fast_decode_under_cuda_graphs():
     assert [s.kernel for s in reports[0].sites] == ["prefill"] * 2
     decode = [s for r in reports[1:] for s in r.sites]
     assert decode and all(s.status == "rewritten" and s.kernel == "decode" for s in decode)
+
+
+def test_static_inputs_survive_the_rewrite(monkeypatch):
+    """mode="reduce-overhead" needs AOTAutograd to know which graph inputs are parameters and buffers: CUDA graphs
+    copy every other input on each replay and refuse a graph that writes one in place (gpt-fast's KV cache). The
+    lowered, rewritten graph carries Dynamo's input sources (lower.carry_dynamo_metadata), so Inductor is told the
+    same static inputs under memattn as under its own backend, and the attention is still rewritten."""
+    import torch._inductor.compile_fx as cfx
+    seen = []
+    real = cfx.get_static_input_idxs
+    monkeypatch.setattr(cfx, "get_static_input_idxs", lambda fixed: seen.append(sorted(real(fixed))) or seen[-1])
+    # a cache hit skips the compile that asks for them
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    x, pos = torch.randn(2, 5, 64), torch.arange(5)
+    static = {}
+    for backend in ("inductor", "memattn"):
+        torch._dynamo.reset()
+        seen.clear()
+        model = GPTFastAttention(sdpa=False)
+        before = len(attn_compiler.reports())
+        with torch.no_grad():
+            torch.compile(model, backend=backend, options={"inner": "inductor"} if backend == "memattn" else None,
+                          fullgraph=True)(x, pos)
+        assert len(seen) == 1, seen
+        static[backend] = seen[0]
+    # wqkv, wo and the four buffers: six static inputs, x and input_pos not
+    assert len(static["inductor"]) == 6 and static["memattn"] == static["inductor"], static
+    assert [s.status for s in attn_compiler.reports()[before].sites] == ["rewritten"]

@@ -132,3 +132,50 @@ def test_the_kernels_autotuners_are_disk_backed():
         assert tuner.memattn_disk.name == name and tuner.memattn_disk.key == tuner.keys
         assert tuner.early_config_prune.__wrapped__ is prune
     assert td._decode_split_tuned.memattn_disk.key == td._decode_split_tuned.keys
+
+
+class FakeAutotuner:
+    """What launch_tuned uses of triton.autotune's Autotuner: tuning a key puts its pick in ``cache`` and
+    ``best_config``; ``fn`` is the kernel it launches."""
+
+    def __init__(self, pick):
+        self.pick, self.cache, self.calls, self.hooked = pick, {}, [], []
+        self.arg_names = ["Q", "K", "M", "BUCKET_M", "USE_TMA"]
+        self.memattn_key, self.memattn_picks = ("BUCKET_M", "USE_TMA"), {}
+        self.memattn_disk = types.SimpleNamespace(after_launch=lambda *a: None)
+        tuner = self
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda *args, **kw: tuner.calls.append(("direct", kw))
+        self.fn = Kernel()
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            key = (kw["BUCKET_M"], kw["USE_TMA"], str(args[0].dtype))
+            self.cache.setdefault(key, self.pick)
+            self.best_config = self.cache[key]
+            self.calls.append(("tuner", kw))
+        return run
+
+
+def test_launch_tuned_takes_a_tuned_keys_pick_without_the_autotuner():
+    """A key's first launch goes through the autotuner; its later launches go straight to the kernel with the same
+    pick (its kwargs and its pre-hook's view of the arguments), until the autotuner forgets it or the key changes."""
+    from attn_compiler.codegen.triton_prefill import launch_tuned
+    seen = []
+    pick = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3, pre_hook=seen.append)
+    tuner = FakeAutotuner(pick)
+    q = torch.zeros(2, dtype=torch.bfloat16)
+    args, kw = (q, q, 7), dict(BUCKET_M=1, USE_TMA=True)
+    launch_tuned(tuner, None, args, kw)
+    launch_tuned(tuner, None, args, kw)
+    assert [c[0] for c in tuner.calls] == ["tuner", "direct"]
+    assert tuner.calls[1][1] == {**kw, **pick.all_kwargs()}
+    assert seen[-1]["M"] == 7 and seen[-1]["BLOCK_N"] == 32 and seen[-1]["USE_TMA"] is True
+    launch_tuned(tuner, None, args, dict(kw, BUCKET_M=2))                 # another key
+    launch_tuned(tuner, None, (q.float(), q.float(), 7), kw)              # another dtype
+    tuner.cache.clear()                                                    # the autotuner forgot its picks
+    launch_tuned(tuner, None, args, kw)
+    launch_tuned(tuner, None, args, kw)
+    assert [c[0] for c in tuner.calls] == ["tuner", "direct", "tuner", "tuner", "tuner", "direct"]
