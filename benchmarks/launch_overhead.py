@@ -11,10 +11,13 @@ that the GPU always keeps up, so the time per call is the host's. The entry poin
     op            the same under torch.no_grad (no autograd node)
     dispatch      attn_compiler.codegen.dispatch.forward (the routing: kernel choice, support check, device guard)
     module        triton_prefill.forward / triton_decode.forward (argument preparation and the launches)
-    autotuned     prefill only: the forward kernel's launch through its autotuner, as module makes it
-    direct        prefill only: the same kernel launched with the autotuner's pick, not through the autotuner
-Each memattn row's "own" time is its time less the next row's: what that layer adds. SDPA rows (flash / cuDNN /
-the default choice) are the baseline a user compares with. Prints a table; writes launch_overhead.csv into --out.
+    launch_tuned  prefill only: the forward kernel's launch as module makes it (triton_prefill.launch_tuned: a
+                  tuned key's remembered pick, its pre-hook, the kernel's Triton launch)
+    direct        prefill only: the same kernel's Triton launch alone, the pre-hook's arguments made beforehand
+Each memattn row's "own" time is its time less the next row's: what that layer adds. Rows outside that chain, for
+comparison: "via autotuner" (the same launch through Triton's autotuner, which launch_tuned skips once a key is
+tuned) and SDPA's (flash / cuDNN / the default choice), the baseline a user compares with. Prints a table; writes
+launch_overhead.csv into --out.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from common import write_csv
 
+ASIDE = ("sdpa", "via autotuner")  # rows for comparison, outside the chain of layers
 SHAPES = {"prefill": dict(z=1, h=4, hkv=4, m=128, n=128, d=64), "decode": dict(z=1, h=32, hkv=8, m=1, n=4096, d=128)}
 
 
@@ -88,7 +92,8 @@ def entry_points(kind, q, k, v):
 
 
 def _kernel_points(tp, in_module):
-    """The forward kernel's launch as the module last made it: through the autotuner, and with its pick direct."""
+    """The forward kernel's launch as the module last made it: through launch_tuned, direct with its pick, and
+    through Triton's autotuner."""
     seen = []
     real = tp._launch
 
@@ -109,7 +114,8 @@ def _kernel_points(tp, in_module):
         if cfg.pre_hook is not None:
             cfg.pre_hook(full)
         raw[grid_fn(meta)](*args, **meta)
-    return [("autotuned", lambda: tuned[grid_fn](*args, **kwargs)), ("direct", direct)]
+    return [("launch_tuned", lambda: tp.launch_tuned(tuned, grid_fn, args, kwargs)), ("direct", direct),
+            ("via autotuner", lambda: tuned[grid_fn](*args, **kwargs))]
 
 
 def sdpa_points(q, k, v, causal):
@@ -127,6 +133,18 @@ def sdpa_points(q, k, v, causal):
             continue
         points.append((name, run))
     return points
+
+
+def own_times(times):
+    """(name, us, own us) per (name, us) row: a chain row's own cost is its time less the next chain row's (nan for
+    the innermost); rows ASIDE get nan."""
+    chain = [name for name, _ in times if not name.startswith(ASIDE)]
+    by_name = dict(times)
+    out = []
+    for name, us in times:
+        i = chain.index(name) if name in chain else len(chain)
+        out.append((name, us, us - by_name[chain[i + 1]] if i + 1 < len(chain) else float("nan")))
+    return out
 
 
 def main(argv=None):
@@ -147,10 +165,7 @@ def main(argv=None):
         q, k, v = _args(SHAPES[kind])
         points = entry_points(kind, q, k, v) + sdpa_points(q, k, v, kind == "prefill")
         times = [(name, host_us(fn, a.calls)) for name, fn in points]
-        ours = [t for name, t in times if not name.startswith("sdpa")]
-        for i, (name, us) in enumerate(times):
-            # a memattn layer's own cost: its time less the next inner entry point's
-            layer = us - ours[i + 1] if i + 1 < len(ours) else float("nan")
+        for name, us, layer in own_times(times):
             rows.append(dict(kind=kind, entry=name, host_us=us, layer_us=layer, **SHAPES[kind]))
             print(f"{kind:8s} {name:12s} {us:8.1f} us" + (f"   (own {layer:6.1f} us)" if layer == layer else ""),
                   flush=True)

@@ -23,5 +23,16 @@ def test_every_layer_timed(tmp_path):
     got = {(r["kind"], r["entry"]) for r in rows}
     for entry in ("op+autograd", "op", "dispatch", "module"):
         assert ("prefill", entry) in got and ("decode", entry) in got
-    assert ("prefill", "autotuned") in got and ("prefill", "direct") in got and ("prefill", "sdpa") in got
+    for entry in ("launch_tuned", "direct", "via autotuner", "sdpa"):
+        assert ("prefill", entry) in got
     assert all(float(r["host_us"]) > 0 for r in rows)
+
+
+def test_own_time_is_the_chain_step():
+    """Each layer's own time is its time less the next layer's; the innermost layer and the rows set aside for
+    comparison (Triton's autotuner path, SDPA) have none, wherever they sit in the table."""
+    rows = launch_overhead.own_times([("op", 100.0), ("module", 60.0), ("via autotuner", 50.0), ("direct", 20.0),
+                                      ("sdpa", 10.0)])
+    own = {name: layer for name, _, layer in rows}
+    assert own["op"] == 40.0 and own["module"] == 40.0
+    assert all(own[n] != own[n] for n in ("direct", "via autotuner", "sdpa"))   # nan
