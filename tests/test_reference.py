@@ -186,3 +186,42 @@ def test_bf16_grads_near_one_hot_few_keys(variant):
         assert not t.isnan().any() and not a.isnan().any(), name
         err, base = (a.double() - t).abs().max().item(), (e.double() - t).abs().max().item()
         assert err <= 2 * base + 1e-4, f"{name}: error {err:.3g} vs eager's {base:.3g}"
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "bias_zmhd", "mask"])
+def test_op_registration_passes_opcheck(case):
+    """The op is registered piece by piece (attn_compiler/ops.py: schema, implementation, fake, autograd kernel):
+    torch.library.opcheck checks that the pieces agree (the schema, the autograd registration, the fake's metadata
+    against the implementation's, AOTAutograd with dynamic shapes), for both ops."""
+    import attn_compiler.ops  # noqa: F401
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 1, 7, 8, generator=g, requires_grad=True) for _ in range(2))
+    bias = mask = None
+    causal, offset, layout = False, 0, 0
+    if case == "causal_gqa":
+        causal, offset = True, 2
+    elif case == "bias_zmhd":
+        bias, layout = torch.randn(1, 2, 5, 7, generator=g, requires_grad=True), 1
+    else:
+        mask = torch.rand(5, 7, generator=g) > 0.3
+    args = (q, k, v, bias, mask, None, 0.3, 0.0, causal, offset, float("-inf"), True, 0.0, False, "reference",
+            layout)
+    torch.library.opcheck(torch.ops.memattn.attention.default, args)
+    out, stats = torch.ops.memattn.attention(*args)
+    bw_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), stats,
+               None if bias is None else bias.detach(), mask, None, 0.3, 0.0, causal, offset, float("-inf"), True,
+               0.0, False, "reference", bias is not None)
+    torch.library.opcheck(torch.ops.memattn.attention_backward.default, bw_args)
+
+
+def test_double_backward_is_a_clear_error():
+    """A gradient of the attention gradient is not implemented: asking for one raises, it never returns a
+    second derivative that silently misses the attention."""
+    import attn_compiler.ops  # noqa: F401
+    q, k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, _ = torch.ops.memattn.attention(q, k, v, None, None, None, 0.5, 0.0, False, 0, float("-inf"), True, 0.0,
+                                         False, "reference")
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()
