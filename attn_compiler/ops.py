@@ -43,11 +43,11 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 # Registered with torch.library.Library, not torch.library.custom_op: the op runs once per attention layer per step
 # (eager-inner graphs, users' own calls), and custom_op's generated wrappers (an output-aliasing check on every call,
-# an autograd wrapper whose fill_defaults re-parses the schema each time) were the largest part of its host time.
-# H200 machine, torch 2.11, benchmarks/launch_overhead.py, host us per prefill call with / without autograd:
-# 516 / 467 with custom_op, 345 / 244 with this registration (SDPA: 18-40). The pieces custom_op made are written
-# out below: the schema, the implementation, the fake, and an autograd kernel that builds a node only when a
-# gradient is wanted.
+# an autograd wrapper whose fill_defaults re-parses the schema each time) cost host time on each. H200 machine,
+# torch 2.11, benchmarks/launch_overhead.py, host us per prefill call with / without autograd: 516 / 467 with
+# custom_op, 345 / 244 with this registration and launch_tuned's remembered picks (SDPA: 18-40). The pieces
+# custom_op made are written out below: the schema, the implementation, the fake, and an autograd kernel that
+# builds a node only when a gradient is wanted.
 _lib = torch.library.Library("memattn", "DEF")  # noqa: TOR901 - kept alive for the life of the process
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? seed, float scale, "

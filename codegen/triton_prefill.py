@@ -902,8 +902,8 @@ def launch_tuned(tuned, grid, args, kwargs):
     """Launch through an autotuner built by _autotuned, and keep a pick it tuned in this call on disk.
 
     A key's later launches skip the autotuner's own path, which rebuilds dicts of every argument and looks each
-    name up in a list to make its key on every call (H200 machine: 42 us of a forward's host time, where the
-    kernel's own Triton launch is 47): they launch the kernel with the pick this launcher remembers. Its key is
+    name up in a list to make its key on every call (H200 machine: 42-66 us of a forward's host time, where the
+    kernel's own Triton launch is 46): they launch the kernel with the pick this launcher remembers. Its key is
     the autotuner's (the key arguments' values and the tensor arguments' dtypes), and a pick is taken only while
     the autotuner still holds it, so clearing the autotuner's cache (as tests and tune_afresh do) re-tunes."""
     picks = tuned.memattn_picks
