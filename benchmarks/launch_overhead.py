@@ -5,8 +5,9 @@ launch go, against SDPA's host time on the same shapes.
     python benchmarks/launch_overhead.py --profile      # also cProfile's top entries for the full op call
 
 A short call is bound by the host when its launch path takes longer than its kernel: the GPU then waits on Python.
-Each row times N back-to-back calls of one entry point with no synchronisation between them, on shapes so small
-that the GPU always keeps up, so the time per call is the host's. The entry points, outermost first:
+Each row times back-to-back calls of one entry point with no synchronisation between them (5 rounds of --calls / 5,
+the median round kept), on shapes so small that the GPU always keeps up, so the time per call is the host's. The
+entry points, outermost first:
     op+autograd   torch.ops.memattn.attention with q, k, v requiring grad (dispatcher, autograd node, op)
     op            the same under torch.no_grad (no autograd node)
     dispatch      attn_compiler.codegen.dispatch.forward (the routing: kernel choice, support check, device guard)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import time
 
@@ -36,17 +38,22 @@ ASIDE = ("sdpa", "via autotuner")  # rows for comparison, outside the chain of l
 SHAPES = {"prefill": dict(z=1, h=4, hkv=4, m=128, n=128, d=64), "decode": dict(z=1, h=32, hkv=8, m=1, n=4096, d=128)}
 
 
-def host_us(fn, calls: int) -> float:
-    """Mean host time of one call over ``calls`` calls issued back to back (synchronised before and after)."""
+def host_us(fn, calls: int, rounds: int = 5) -> float:
+    """Host time of one call: the median over ``rounds`` rounds of the mean over calls / rounds calls issued back
+    to back (synchronised before and after each round). The host's timing wanders by a quarter between runs on the
+    H200 machine; the median keeps a round with a collector pause or a preempted core from setting the number."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return host / calls * 1e6
+    per = max(1, calls // rounds)
+    means = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(per):
+            fn()
+        means.append((time.perf_counter() - t) / per * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(means)
 
 
 def _args(shape):
@@ -159,7 +166,7 @@ def main(argv=None):
         return 1
     import triton
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; host us per "
-          f"call over {a.calls} calls", flush=True)
+          f"call, the median of 5 rounds of {a.calls // 5} calls", flush=True)
     rows = []
     for kind in a.kinds:
         q, k, v = _args(SHAPES[kind])
