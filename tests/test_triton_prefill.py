@@ -288,6 +288,48 @@ def test_flag_grid(tp, name):
               strided_dout=ex.get("strided_dout", False))
 
 
+# name: (dtype, shape kwargs, spec kwargs, score growth per key in log2 units). The keys' scores rise along the
+# row, so a 16-key tile raises the row max by 16 x growth: below LAZY_TAU (tiles reuse the old reference), past it
+# (a rescale each tile), and mixed with causal rows and with rows that see no key at all (causal_offset < 0)
+LAZY_CASES = {
+    "slow_growth_causal": (F32, dict(h=2, m=40, n=70, d=32), dict(causal=True), 0.2),
+    "fast_growth": (F16, dict(h=2, m=23, n=70, d=32), {}, 1.5),
+    "mixed_gqa_bf16": (BF16, dict(h=4, hkv=2, m=33, n=64, d=40), dict(causal=True, causal_offset=9), 0.45),
+    "empty_rows": (F32, dict(h=2, m=30, n=48, d=16), dict(causal=True, causal_offset=-5), 0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(LAZY_CASES))
+def test_lazy_rescale(tp, monkeypatch, name):
+    """LAZY_RESCALE (MEMATTN_LAZY_RESCALE=1; the forward's accumulator rescaled only when a row max grows past
+    LAZY_TAU) against fp64 within the same budgets as the default path, and the stats are still the true row max
+    and the log of the row sum against it, as the backward and the op's contract need."""
+    monkeypatch.setenv("MEMATTN_LAZY_RESCALE", "1")
+    dtype, shape, sk, growth = LAZY_CASES[name]
+    g = torch.Generator().manual_seed(7)
+    q, k, v = make(dtype, gen=g, **shape)
+    spec = Spec(**{"scale": 1.0 / math.sqrt(q.shape[-1]), **sk})
+    # k_j = noise + c_j * q_dir with c_j rising: every row's scores grow by about `growth` (log2 units) per key
+    q_dir = torch.nn.functional.normalize(torch.ones(q.shape[-1]), dim=0)
+    n = k.shape[2]
+    c = torch.arange(n, dtype=torch.float64) * growth / (math.log2(math.e) * spec.scale * 2.0)
+    q = (q.double() * 0.2 + 2.0 * q_dir.double()).to(dtype)
+    k = (k.double() * 0.2 + c.view(1, 1, n, 1) * q_dir.double()).to(dtype)
+    assert tp._fuse_scale(tp._common(q, k, v, None, None, None, spec)) and tp._lazy_rescale_wanted()
+    with _tiles(tp):
+        # a row with no key: NaN forward as in eager, its backward undefined (as in the flag grid's cases)
+        check(tp, q, k, v, None, None, spec, backward=name != "empty_rows")
+        _, stats = tp.forward(q, k, v, None, None, None, spec)
+    s = (q.double() @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * spec.scale
+    rows = torch.arange(q.shape[2]).view(-1, 1)
+    s = s.masked_fill(torch.arange(n).view(1, -1) > rows + spec.causal_offset, float("-inf")) if spec.causal else s
+    row_max = s.amax(-1)
+    seen = row_max > float("-inf")
+    torch.testing.assert_close(stats[0][seen].double(), row_max[seen], rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats[0][~seen], row_max[~seen])   # rows with no key: -inf, as the default path gives
+    assert (not spec.causal or spec.causal_offset >= 0) or not bool(seen.all()), "the case should have empty rows"
+
+
 @pytest.mark.parametrize("d", [16, 40, 80, 96, 112, 160, 256])
 def test_head_dims(tp, d):
     q, k, v = make(F16, h=2, hkv=1, m=17, n=18, d=d)
