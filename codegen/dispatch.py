@@ -43,12 +43,13 @@ def _triton_module(name: str):
 
 
 def _wants_triton(q, kernel: str) -> bool:
+    """Kernel "auto" runs Triton on CUDA; "triton" on CUDA or under the interpreter (the environment is read only
+    then: each read costs a microsecond or more, on every call)."""
     if kernel == "reference":
         return False
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if kernel == "triton":
-        return q.is_cuda or interpret
-    return q.is_cuda
+    if q.is_cuda:
+        return True
+    return kernel == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _fallback(reason: str) -> None:

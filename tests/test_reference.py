@@ -1,5 +1,6 @@
 """The op and its blockwise CPU implementation against a dense fp64 softmax(QK^T)V, across the flag grid."""
 import itertools
+import operator
 
 import pytest
 import torch
@@ -225,3 +226,36 @@ def test_double_backward_is_a_clear_error():
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gq.sum().backward()
+
+
+def test_device_calls_skip_the_second_dispatch_and_nothing_else_does(monkeypatch):
+    """Below autograd the op calls its implementation directly only when the next dispatch key is the tensors'
+    device (ops._below_autograd): a plain call, with or without grad, reaches dispatch.forward; fake tensors and
+    make_fx tracing (real or symbolic) must reach the fake instead, never the implementation."""
+    import attn_compiler.ops as ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    calls = []
+    real = ops.dispatch.forward
+    monkeypatch.setattr(ops.dispatch, "forward", lambda *a: calls.append(1) or real(*a))
+
+    def f(q, k, v):
+        return torch.ops.memattn.attention(q, k, v, None, None, None, 0.5, 0.0, True, 0, float("-inf"), True, 0.0,
+                                           False, "reference")[0]
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    f(q, k, v)
+    f(q.requires_grad_(), k, v).sum().backward()
+    assert len(calls) == 2 and q.grad is not None
+    calls.clear()
+    mode = FakeTensorMode()
+    fakes = [mode.from_tensor(t.detach()) for t in (q, k, v)]
+    with mode:
+        out = f(*fakes)
+    assert out.shape == (1, 2, 5, 8) and calls == []
+    for tracing_mode in ("real", "symbolic"):   # real tracing runs the op (and so the implementation) once
+        gm = make_fx(f, tracing_mode=tracing_mode)(q.detach(), k, v)
+        ours = [n.target for n in gm.graph.nodes if n.op == "call_function" and "memattn" in str(n.target)]
+        assert ours == [torch.ops.memattn.attention.default], gm.graph
+        others = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target not in ours]
+        assert all(t is operator.getitem for t in others), gm.graph   # the op and its outputs, nothing inside it
+    assert len(calls) == 1, calls
