@@ -139,7 +139,7 @@ class FakeAutotuner:
     ``best_config``; ``fn`` is the kernel it launches."""
 
     def __init__(self, pick):
-        self.pick, self.cache, self.calls, self.hooked = pick, {}, [], []
+        self.pick, self.cache, self.calls = pick, {}, []
         self.arg_names = ["Q", "K", "M", "BUCKET_M", "USE_TMA"]
         self.memattn_key, self.memattn_picks = ("BUCKET_M", "USE_TMA"), {}
         self.memattn_disk = types.SimpleNamespace(after_launch=lambda *a: None)
