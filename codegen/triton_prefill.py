@@ -281,6 +281,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
                NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
                WARP_SPEC: tl.constexpr = False, FUSE_SCALE: tl.constexpr = False,
                LAZY_RESCALE: tl.constexpr = False):
+    tl.static_assert(FUSE_SCALE or not LAZY_RESCALE, "LAZY_RESCALE is a variant of the plain-score path")
     rows = offs_m[:, None]
     m_top = m_i   # LAZY_RESCALE: each row's true max so far; m_i is then the reference the tiles' p are taken on
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
@@ -293,27 +294,25 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             kt_ptrs = k_base + cols * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
             kt = _load_tile(kt_ptrs, offs_d[:, None], cols, D, N, EVEN_D, EVEN_N)
         qk = _dot(q, kt, None, DOT_PREC)
-        if LAZY_RESCALE:
-            # FUSE_SCALE's scores; the reference max moves (and acc, l_i are rescaled) only when a row has grown
-            # past it by more than LAZY_TAU. A row still at -inf has grown by +inf once it sees a key; one that
-            # has seen none has not grown (no -inf - -inf)
-            qk = _key_masks(qk, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N)
-            m_top = tl.maximum(m_top, tl.max(qk, 1) * qk_scale)
-            grown = tl.where(m_top > m_i, m_top - m_i, 0.0)
-            if tl.max(grown, 0) > LAZY_TAU:
-                alpha = tl.exp2(m_i - tl.where(m_top == float("-inf"), 0.0, m_top))
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_top
-            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-            p = tl.exp2(qk * qk_scale - m_safe[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        elif FUSE_SCALE:
+        if FUSE_SCALE:
             # plain scores with qk_scale > 0: the scaled tile is never formed. The row max is taken on qk and
             # scaled once per row (rounding is monotonic, so it equals the max of the scaled scores), and each
             # score costs one FMA before exp2 instead of a multiply and a subtract
             qk = _key_masks(qk, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            if LAZY_RESCALE:
+                # the reference max moves (and acc, l_i are rescaled) only when a row has grown past it by more
+                # than LAZY_TAU. A row still at -inf has grown by +inf once it sees a key; one that has seen none
+                # has not grown (no -inf - -inf)
+                m_top = tl.maximum(m_top, tl.max(qk, 1) * qk_scale)
+                grown = tl.where(m_top > m_i, m_top - m_i, 0.0)
+                if tl.max(grown, 0) > LAZY_TAU:
+                    alpha = tl.exp2(m_i - tl.where(m_top == float("-inf"), 0.0, m_top))
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_top
+                m_new = m_i
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk * qk_scale - m_safe[:, None])
         else:
@@ -324,7 +323,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             # a row still at -inf subtracts 0, not -inf (no inf - inf); a row masked everywhere ends as 0/0 = NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = _exp_diff(s, m_safe[:, None], NATURAL)
-        if not LAZY_RESCALE:
+        if LAZY_RESCALE:  # acc and l_i already on m_i
+            l_i = l_i + tl.sum(p, 1)
+        else:
             alpha = _exp_diff(m_i, m_safe, NATURAL)
             l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
