@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (sm_90a), 80")
     ap.add_argument("--extra", nargs="*", default=[], help="more tiles: d,BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--sass", action="store_true", help="also count instructions (see above)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexpr flags (ints)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexpr flags (bool, int or string)")
     a = ap.parse_args(argv)
     overrides = parse_overrides(a.set)
     print(f"# triton {triton.__version__}, sm_{a.arch}, bf16, bucket {a.bucket}, "

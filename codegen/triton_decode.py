@@ -236,7 +236,7 @@ def pdl_wanted(device) -> bool:
 
 def _sm_count(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return tp.device_properties(device).multi_processor_count
     return 16  # the interpreter: a few splits for a test's handful of heads, so tests cross chunk edges
 
 

@@ -987,15 +987,18 @@ def _tma_wanted(device) -> bool:
 
 def hopper_or_later(device) -> bool:
     """A CUDA device of compute capability 9 or more (TMA, programmatic dependent launch)."""
-    if device.type != "cuda":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    return device.type == "cuda" and device_properties(device).major >= 9
+
+
+def device_properties(device):
+    """A CUDA device's properties (compute capability, SM count), asked of torch once per device: its query costs
+    microseconds, and the launches ask on every call."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index):
-    """A device's compute capability, asked once (torch's query costs microseconds on every launch)."""
-    return torch.cuda.get_device_capability(index)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def _warp_spec_wanted() -> bool:
