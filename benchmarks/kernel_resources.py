@@ -54,7 +54,7 @@ def flags(d: int, causal: bool) -> dict:
     return dict(BLOCK_D=d, BLOCK_DV=d, EVEN_M=True, EVEN_N=True, EVEN_D=True, EVEN_DV=True, IS_CAUSAL=causal,
                 HAS_BIAS=False, HAS_MASK=False, MASK_KEEP=True, HAS_DROPOUT=False, SOFTCAP=False,
                 SAFE_SOFTMAX=False, HAS_DBIAS=False, DB_SUM_M=False, DB_SUM_N=False, NATURAL=False, DOT_PREC="tf32",
-                USE_TMA=False, WARP_SPEC=False, FUSE_SCALE=True, LAZY_RESCALE=False, DIRECT=False, PDL=False)
+                USE_TMA=False, WARP_SPEC=False, FUSE_SCALE=True, CAUSAL_LOOP=0, DIRECT=False, PDL=False)
 
 
 def example_int(name: str, d: int, decode: bool) -> int:

@@ -51,13 +51,11 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
                        unless MEMATTN_WS=1 (see _warp_spec_wanted): Triton 3.6 does not compile it on sm_90
     FUSE_SCALE         plain scores (no bias, mask or softcap) and a positive scale: each score is one FMA
                        (qk * qk_scale - m) before exp2; the forward takes its row max on qk and scales it per row
-    LAZY_RESCALE       _attn_fwd with FUSE_SCALE: the accumulator is rescaled only when some row's max has grown
-                       by more than LAZY_TAU (log2 units) since the reference max its exponentials are taken
-                       against, not on every tile, so p <= 2**LAZY_TAU between rescales (exact in fp32, and in
-                       bf16/fp16 for the PV product); each _fwd_inner call ends by settling the accumulator and
-                       the row sum on the true row max, so the stats are what they are without it. An experiment,
-                       off unless MEMATTN_LAZY_RESCALE=1 (see _lazy_rescale_wanted): for d = 64, whose tiles are
-                       bound by elementwise work, it saves a [BLOCK_M, BLOCK_DV] multiply on most tiles
+    CAUSAL_LOOP        _attn_fwd with IS_CAUSAL: how a query block walks its keys. 0 (the default): the tiles every
+                       row may see, then the diagonal ones under the causal mask, two K/V loops. 1: the diagonal
+                       (masked) tiles first. 2: one loop; the mask is taken on a tile only from lo_mask on, a
+                       branch uniform over the tile (plain scores only; other paths mask every tile). 1 and 2 are
+                       experiments (MEMATTN_CAUSAL_LOOP=masked_first / one; see _causal_loop)
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
@@ -88,7 +86,6 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
-LAZY_TAU = tl.constexpr(8.0)  # LAZY_RESCALE: growth of a row max (log2 units) that forces a rescale; p <= 2**8
 LN2 = 0.6931471805599453
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -279,11 +276,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
                APPLY_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
                NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-               WARP_SPEC: tl.constexpr = False, FUSE_SCALE: tl.constexpr = False,
-               LAZY_RESCALE: tl.constexpr = False):
-    tl.static_assert(FUSE_SCALE or not LAZY_RESCALE, "LAZY_RESCALE is a variant of the plain-score path")
+               WARP_SPEC: tl.constexpr = False, FUSE_SCALE: tl.constexpr = False, causal_from=0,
+               CAUSAL_BRANCH: tl.constexpr = False):
     rows = offs_m[:, None]
-    m_top = m_i   # LAZY_RESCALE: each row's true max so far; m_i is then the reference the tiles' p are taken on
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols_1d = start_n + offs_n
@@ -298,21 +293,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             # plain scores with qk_scale > 0: the scaled tile is never formed. The row max is taken on qk and
             # scaled once per row (rounding is monotonic, so it equals the max of the scaled scores), and each
             # score costs one FMA before exp2 instead of a multiply and a subtract
-            qk = _key_masks(qk, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N)
-            if LAZY_RESCALE:
-                # the reference max moves (and acc, l_i are rescaled) only when a row has grown past it by more
-                # than LAZY_TAU. A row still at -inf has grown by +inf once it sees a key; one that has seen none
-                # has not grown (no -inf - -inf)
-                m_top = tl.maximum(m_top, tl.max(qk, 1) * qk_scale)
-                grown = tl.where(m_top > m_i, m_top - m_i, 0.0)
-                if tl.max(grown, 0) > LAZY_TAU:
-                    alpha = tl.exp2(m_i - tl.where(m_top == float("-inf"), 0.0, m_top))
-                    acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
-                    m_i = m_top
-                m_new = m_i
+            if CAUSAL_BRANCH:  # CAUSAL_LOOP == 2: one loop, the causal mask only on tiles from causal_from
+                qk = _key_masks(qk, rows, cols, N, causal_offset, False, EVEN_N)
+                if start_n >= causal_from:
+                    qk = tl.where(cols <= rows + causal_offset, qk, float("-inf"))
             else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                qk = _key_masks(qk, rows, cols, N, causal_offset, APPLY_CAUSAL, EVEN_N)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk * qk_scale - m_safe[:, None])
         else:
@@ -323,11 +310,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             # a row still at -inf subtracts 0, not -inf (no inf - inf); a row masked everywhere ends as 0/0 = NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = _exp_diff(s, m_safe[:, None], NATURAL)
-        if LAZY_RESCALE:  # acc and l_i already on m_i
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            alpha = _exp_diff(m_i, m_safe, NATURAL)
-            l_i = l_i * alpha + tl.sum(p, 1)
+        alpha = _exp_diff(m_i, m_safe, NATURAL)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = p * _drop_scale(rh[:, None], (cols_1d.to(tl.uint32) * 0x9E3779B1)[None, :], dropout_p, inv_keep)
         if USE_TMA:
@@ -335,15 +319,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
         else:
             v_ptrs = v_base + cols_1d[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BLOCK_N, BLOCK_DV]
             v = _load_tile(v_ptrs, cols_1d[:, None], offs_dv[None, :], N, DV, EVEN_N, EVEN_DV)
-        if not LAZY_RESCALE:
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
-    if LAZY_RESCALE:  # settle on the true row max (a row that saw no key keeps -inf, its acc and l_i at 0)
-        alpha = tl.exp2(tl.where(m_i == float("-inf"), 0.0, m_i) - tl.where(m_top == float("-inf"), 0.0, m_top))
         acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_top
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -363,7 +341,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
               HAS_MASK: tl.constexpr, MASK_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               SOFTCAP: tl.constexpr, SAFE_SOFTMAX: tl.constexpr, NATURAL: tl.constexpr,
               DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, FUSE_SCALE: tl.constexpr,
-              LAZY_RESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              CAUSAL_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "head dims are padded to at least 16 for tl.dot")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot tiles are at least 16 x 16")
     if IS_CAUSAL:  # the longest rows first: better tail balance across SMs
@@ -401,22 +379,49 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
         # keys past hi are masked for every row of the block; keys below lo_mask are allowed for every row
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
-                                   mask_base, rh, offs_m, offs_n,
-                                   offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                   softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                   WARP_SPEC, FUSE_SCALE, LAZY_RESCALE)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
-                                   mask_base, rh, offs_m, offs_n,
-                                   offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                   softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                   WARP_SPEC, FUSE_SCALE, LAZY_RESCALE)
+        if CAUSAL_LOOP == 2:  # one K/V loop; the mask taken on tiles from lo_mask (a branch uniform per tile)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                       mask_base, rh, offs_m, offs_n,
+                                       offs_d, offs_dv, 0, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
+                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                       WARP_SPEC, FUSE_SCALE, lo_mask, True)
+        elif CAUSAL_LOOP == 1:  # the masked tiles first, then the unmasked ones
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                       mask_base, rh, offs_m, offs_n,
+                                       offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
+                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                       WARP_SPEC, FUSE_SCALE)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                       mask_base, rh, offs_m, offs_n,
+                                       offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
+                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                       WARP_SPEC, FUSE_SCALE)
+        else:  # the unmasked tiles, then the masked ones
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                       mask_base, rh, offs_m, offs_n,
+                                       offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
+                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                       WARP_SPEC, FUSE_SCALE)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                       mask_base, rh, offs_m, offs_n,
+                                       offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
+                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                       WARP_SPEC, FUSE_SCALE)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                    mask_base, rh, offs_m, offs_n,
@@ -425,7 +430,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                    softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                    BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
                                    HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                   WARP_SPEC, FUSE_SCALE, LAZY_RESCALE)
+                                   WARP_SPEC, FUSE_SCALE)
     o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
         o = tl.where((l_i == 0.0)[:, None], 0.0, o)
@@ -890,7 +895,7 @@ def _autotuned(name, fn, configs, key, prune, **kw):
     return tuner
 
 
-_attn_fwd_tuned = _autotuned("fwd", _attn_fwd, _FWD_CONFIGS, _KEY + ["USE_TMA", "WARP_SPEC", "LAZY_RESCALE"],
+_attn_fwd_tuned = _autotuned("fwd", _attn_fwd, _FWD_CONFIGS, _KEY + ["USE_TMA", "WARP_SPEC", "CAUSAL_LOOP"],
                              _prune_fwd)
 _attn_bwd_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv, _DKDV_CONFIGS, _KEY + ["HAS_DBIAS"], _prune_dkdv,
                                   reset_to_zero=["DBias"])
@@ -1010,13 +1015,15 @@ def _warp_spec_wanted() -> bool:
     return os.environ.get("MEMATTN_WS", "0") == "1"
 
 
-def _lazy_rescale_wanted() -> bool:
-    """LAZY_RESCALE (see the header) for the forward's plain-score path. An experiment, off unless
-    MEMATTN_LAZY_RESCALE=1: written and checked against fp64 under the interpreter, not yet timed on a GPU (the
-    question is whether skipping the multiply beats the branch it costs inside the pipelined K/V loop). Statically
-    (benchmarks/kernel_resources.py --sass, Triton 3.6, sm_90a, d = 64 causal, 128 x 128 on 4 warps, 3 stages):
-    3680 instructions and no spill, against 3792 and 8 bytes a thread without it."""
-    return os.environ.get("MEMATTN_LAZY_RESCALE", "0") == "1"
+_CAUSAL_LOOPS = {"split": 0, "masked_first": 1, "one": 2}
+
+
+def _causal_loop() -> int:
+    """CAUSAL_LOOP (see the header), from MEMATTN_CAUSAL_LOOP: how the causal forward walks its K/V tiles."""
+    name = os.environ.get("MEMATTN_CAUSAL_LOOP", "split")
+    if name not in _CAUSAL_LOOPS:
+        raise ValueError(f"MEMATTN_CAUSAL_LOOP={name!r}: expected one of {sorted(_CAUSAL_LOOPS)}")
+    return _CAUSAL_LOOPS[name]
 
 
 def _tma_desc(t):
@@ -1206,11 +1213,10 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
         args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats, kdesc, vdesc,
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
-        fuse = _fuse_scale(c)
         _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma,
                                                               WARP_SPEC=use_tma and _warp_spec_wanted(),
-                                                              FUSE_SCALE=fuse,
-                                                              LAZY_RESCALE=fuse and _lazy_rescale_wanted()))
+                                                              FUSE_SCALE=_fuse_scale(c),
+                                                              CAUSAL_LOOP=_causal_loop()))
     launch_with_tma_fallback(launch, k, v)
     return out, stats
 

@@ -288,46 +288,35 @@ def test_flag_grid(tp, name):
               strided_dout=ex.get("strided_dout", False))
 
 
-# name: (dtype, shape kwargs, spec kwargs, score growth per key in log2 units). The keys' scores rise along the
-# row, so a 16-key tile raises the row max by 16 x growth: below LAZY_TAU (tiles reuse the old reference), past it
-# (a rescale each tile), and mixed with causal rows and with rows that see no key at all (causal_offset < 0)
-LAZY_CASES = {
-    "slow_growth_causal": (F32, dict(h=2, m=40, n=70, d=32), dict(causal=True), 0.2),
-    "fast_growth": (F16, dict(h=2, m=23, n=70, d=32), {}, 1.5),
-    "mixed_gqa_bf16": (BF16, dict(h=4, hkv=2, m=33, n=64, d=40), dict(causal=True, causal_offset=9), 0.45),
-    "empty_rows": (F32, dict(h=2, m=30, n=48, d=16), dict(causal=True, causal_offset=-5), 0.3),
+# name: (dtype, shape kwargs, spec kwargs, bias shape or None): causal blocks with every relation of a block to the
+# diagonal (offsets shift it right, or left so some rows see no key), a ragged last key tile, and the bias path
+CAUSAL_LOOP_CASES = {
+    "square": (F32, dict(h=2, m=40, n=40, d=32), dict(causal=True), None),
+    "offset_ragged": (F16, dict(h=2, hkv=1, m=23, n=61, d=32), dict(causal=True, causal_offset=38), None),
+    "empty_rows_bf16": (BF16, dict(h=2, m=30, n=48, d=16), dict(causal=True, causal_offset=-5), None),
+    "bias": (F32, dict(h=2, m=33, n=47, d=16), dict(causal=True, causal_offset=14), (1, 1, 33, 47)),
 }
 
 
-@pytest.mark.parametrize("name", list(LAZY_CASES))
-def test_lazy_rescale(tp, monkeypatch, name):
-    """LAZY_RESCALE (MEMATTN_LAZY_RESCALE=1; the forward's accumulator rescaled only when a row max grows past
-    LAZY_TAU) against fp64 within the same budgets as the default path, and the stats are still the true row max
-    and the log of the row sum against it, as the backward and the op's contract need."""
-    monkeypatch.setenv("MEMATTN_LAZY_RESCALE", "1")
-    dtype, shape, sk, growth = LAZY_CASES[name]
+@pytest.mark.parametrize("loop", ["split", "masked_first", "one"])
+@pytest.mark.parametrize("name", list(CAUSAL_LOOP_CASES))
+def test_causal_loops(tp, monkeypatch, loop, name):
+    """Every CAUSAL_LOOP (MEMATTN_CAUSAL_LOOP: the causal forward's two K/V loops, the masked tiles first, or one
+    loop masking from lo_mask on) against fp64; rows that see no key give NaN forward as eager does."""
+    monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", loop)
+    assert tp._causal_loop() == tp._CAUSAL_LOOPS[loop]
+    dtype, shape, sk, bias_shape = CAUSAL_LOOP_CASES[name]
     g = torch.Generator().manual_seed(7)
     q, k, v = make(dtype, gen=g, **shape)
-    spec = Spec(**{"scale": 1.0 / math.sqrt(q.shape[-1]), **sk})
-    # k_j = noise + c_j * q_dir with c_j rising: every row's scores grow by about `growth` (log2 units) per key
-    q_dir = torch.nn.functional.normalize(torch.ones(q.shape[-1]), dim=0)
-    n = k.shape[2]
-    c = torch.arange(n, dtype=torch.float64) * growth / (math.log2(math.e) * spec.scale * 2.0)
-    q = (q.double() * 0.2 + 2.0 * q_dir.double()).to(dtype)
-    k = (k.double() * 0.2 + c.view(1, 1, n, 1) * q_dir.double()).to(dtype)
-    assert tp._fuse_scale(tp._common(q, k, v, None, None, None, spec)) and tp._lazy_rescale_wanted()
+    bias = None if bias_shape is None else torch.randn(*bias_shape, generator=g).to(device=DEV, dtype=dtype)
     with _tiles(tp):
-        # a row with no key: NaN forward as in eager, its backward undefined (as in the flag grid's cases)
-        check(tp, q, k, v, None, None, spec, backward=name != "empty_rows")
-        _, stats = tp.forward(q, k, v, None, None, None, spec)
-    s = (q.double() @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * spec.scale
-    rows = torch.arange(q.shape[2]).view(-1, 1)
-    s = s.masked_fill(torch.arange(n).view(1, -1) > rows + spec.causal_offset, float("-inf")) if spec.causal else s
-    row_max = s.amax(-1)
-    seen = row_max > float("-inf")
-    torch.testing.assert_close(stats[0][seen].double(), row_max[seen], rtol=1e-5, atol=1e-5)
-    assert torch.equal(stats[0][~seen], row_max[~seen])   # rows with no key: -inf, as the default path gives
-    assert (not spec.causal or spec.causal_offset >= 0) or not bool(seen.all()), "the case should have empty rows"
+        check(tp, q, k, v, bias, None, Spec(scale=q.shape[-1] ** -0.5, **sk), backward=name != "empty_rows_bf16")
+
+
+def test_causal_loop_names(tp, monkeypatch):
+    monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", "diagonal")
+    with pytest.raises(ValueError, match="masked_first"):
+        tp._causal_loop()
 
 
 @pytest.mark.parametrize("d", [16, 40, 80, 96, 112, 160, 256])
@@ -567,6 +556,18 @@ def test_gpu_autotuned(tp, d, causal):
     """The autotuned configs (the ones the benchmark times) on the benchmark's layout."""
     q, k, v = make(BF16, z=2, h=4, m=1024, n=1024, d=d)
     check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=causal))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("loop", ["masked_first", "one"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_causal_loops(tp, monkeypatch, loop, d):
+    """The causal loop experiments (benchmarks/prefill.py times them) autotuned on the benchmark's layout, with
+    a causal offset that puts the diagonal inside a tile."""
+    monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", loop)
+    q, k, v = make(BF16, z=2, h=4, m=1000, n=1090, d=d)
+    check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=True, causal_offset=90))
 
 
 def _candidates(tp, name, d, causal):
