@@ -51,11 +51,11 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
                        unless MEMATTN_WS=1 (see _warp_spec_wanted): Triton 3.6 does not compile it on sm_90
     FUSE_SCALE         plain scores (no bias, mask or softcap) and a positive scale: each score is one FMA
                        (qk * qk_scale - m) before exp2; the forward takes its row max on qk and scales it per row
-    CAUSAL_LOOP        _attn_fwd with IS_CAUSAL: how a query block walks its keys. 0 (the default): the tiles every
-                       row may see, then the diagonal ones under the causal mask, two K/V loops. 1: the diagonal
-                       (masked) tiles first. 2: one loop; the mask is taken on a tile only from lo_mask on, a
-                       branch uniform over the tile (plain scores only; other paths mask every tile). 1 and 2 are
-                       experiments (MEMATTN_CAUSAL_LOOP=masked_first / one; see _causal_loop)
+    CAUSAL_LOOP        _attn_fwd with IS_CAUSAL: how a query block walks its keys. 0: the tiles every row may see,
+                       then the diagonal ones under the causal mask, two K/V loops. 1: the diagonal (masked) tiles
+                       first. 2: one loop; the mask is taken on a tile only from lo_mask on, a branch uniform over
+                       the tile (plain scores; the other paths mask every tile), which saves the second loop's
+                       pipeline fill and drain. Chosen per head dim by _causal_loop (MEMATTN_CAUSAL_LOOP overrides)
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
@@ -1018,9 +1018,15 @@ def _warp_spec_wanted() -> bool:
 _CAUSAL_LOOPS = {"split": 0, "masked_first": 1, "one": 2}
 
 
-def _causal_loop() -> int:
-    """CAUSAL_LOOP (see the header), from MEMATTN_CAUSAL_LOOP: how the causal forward walks its K/V tiles."""
-    name = os.environ.get("MEMATTN_CAUSAL_LOOP", "split")
+def _causal_loop(block_d: int) -> int:
+    """CAUSAL_LOOP (see the header): how the causal forward walks its K/V tiles. MEMATTN_CAUSAL_LOOP names one;
+    unset, one loop for padded head dims of 128 and two otherwise, as timed on the H200 (Triton 3.6, bf16, causal
+    forward, autotuned, benchmarks/prefill.py): d = 128 one loop 0.65 ms vs two 0.70 at 2k (1.46x flash vs
+    1.34x), 1.52x vs 1.40x at 4k; d = 64 level at 2k (1.31x / 1.30x) and behind at 4k (1.30x vs 1.35x); masked
+    tiles first within 2% of two loops everywhere. d = 256 was not timed, so it keeps two loops."""
+    name = os.environ.get("MEMATTN_CAUSAL_LOOP")
+    if name is None:
+        return _CAUSAL_LOOPS["one" if block_d == 128 else "split"]
     if name not in _CAUSAL_LOOPS:
         raise ValueError(f"MEMATTN_CAUSAL_LOOP={name!r}: expected one of {sorted(_CAUSAL_LOOPS)}")
     return _CAUSAL_LOOPS[name]
@@ -1204,7 +1210,9 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     if n == 0:  # softmax over no keys: eager's p @ v sums nothing
         return out.zero_(), stats.fill_(float("-inf"))
     fixed = _fixed_config()
-    kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed))
+    kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed),
+                  FUSE_SCALE=_fuse_scale(c),
+                  CAUSAL_LOOP=_causal_loop(max(c["flags"]["BLOCK_D"], c["flags"]["BLOCK_DV"])))
 
     def grid(meta):
         return (-(-m // meta["BLOCK_M"]), z * h)
@@ -1214,9 +1222,7 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
         _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma,
-                                                              WARP_SPEC=use_tma and _warp_spec_wanted(),
-                                                              FUSE_SCALE=_fuse_scale(c),
-                                                              CAUSAL_LOOP=_causal_loop()))
+                                                              WARP_SPEC=use_tma and _warp_spec_wanted()))
     launch_with_tma_fallback(launch, k, v)
     return out, stats
 
