@@ -12,7 +12,7 @@ weak point can be traced to its config space.
 
 Each provider is timed eagerly (do_bench), launch path included, as a user's model calls it. Where a call's
 device time is under the host time of memattn's launch path (torch.ops dispatch, autograd, Triton's launcher: about
-0.35 ms per forward on the H200 machine with torch 2.11 and Triton 3.6, benchmarks/launch_overhead.py), the row
+0.2 ms per forward on the H200 machine with torch 2.11 and Triton 3.6, benchmarks/launch_overhead.py), the row
 measures that path, not the kernel. --configs' times are the kernels' own (CUDA-graph replays).
 """
 from __future__ import annotations
