@@ -52,10 +52,10 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
     FUSE_SCALE         plain scores (no bias, mask or softcap) and a positive scale: each score is one FMA
                        (qk * qk_scale - m) before exp2; the forward takes its row max on qk and scales it per row
     CAUSAL_LOOP        _attn_fwd with IS_CAUSAL: how a query block walks its keys. 0: the tiles every row may see,
-                       then the diagonal ones under the causal mask, two K/V loops. 1: the diagonal (masked) tiles
-                       first. 2: one loop; the mask is taken on a tile only from lo_mask on, a branch uniform over
-                       the tile (plain scores; the other paths mask every tile), which saves the second loop's
-                       pipeline fill and drain. Chosen per head dim by _causal_loop (MEMATTN_CAUSAL_LOOP overrides)
+                       then the diagonal ones under the causal mask, two K/V loops. 2: one loop; the mask is taken
+                       on a tile only from lo_mask on, a branch uniform over the tile (plain scores; the other paths
+                       mask every tile), which saves the second loop's pipeline fill and drain. Chosen per head dim
+                       by _causal_loop (MEMATTN_CAUSAL_LOOP overrides)
     DOT_PREC           tl.dot input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
                        (the default; no effect on 16-bit inputs); "upcast" under TRITON_INTERPRET for bf16, whose
                        interpreter matmul is wrong (numpy has no bf16): operands go to fp32 first
@@ -388,23 +388,6 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                        BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
                                        HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
                                        WARP_SPEC, FUSE_SCALE, lo_mask, True)
-        elif CAUSAL_LOOP == 1:  # the masked tiles first, then the unmasked ones
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
-                                       mask_base, rh, offs_m, offs_n,
-                                       offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                       WARP_SPEC, FUSE_SCALE)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
-                                       mask_base, rh, offs_m, offs_n,
-                                       offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
-                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
-                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                       WARP_SPEC, FUSE_SCALE)
         else:  # the unmasked tiles, then the masked ones
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                        mask_base, rh, offs_m, offs_n,
@@ -1015,15 +998,16 @@ def _warp_spec_wanted() -> bool:
     return os.environ.get("MEMATTN_WS", "0") == "1"
 
 
-_CAUSAL_LOOPS = {"split": 0, "masked_first": 1, "one": 2}
+_CAUSAL_LOOPS = {"split": 0, "one": 2}
 
 
 def _causal_loop(block_d: int) -> int:
     """CAUSAL_LOOP (see the header): how the causal forward walks its K/V tiles. MEMATTN_CAUSAL_LOOP names one;
     unset, one loop for padded head dims of 128 and two otherwise, as timed on the H200 (Triton 3.6, bf16, causal
     forward, autotuned, benchmarks/prefill.py): d = 128 one loop 0.65 ms vs two 0.70 at 2k (1.46x flash vs
-    1.34x), 1.52x vs 1.40x at 4k; d = 64 level at 2k (1.31x / 1.30x) and behind at 4k (1.30x vs 1.35x); masked
-    tiles first within 2% of two loops everywhere. d = 256 was not timed, so it keeps two loops."""
+    1.34x), 1.52x vs 1.40x at 4k; d = 64 level at 2k (1.31x / 1.30x) and behind at 4k (1.30x vs 1.35x). (A third
+    walk, the masked tiles first, was within 2% of two loops everywhere and was dropped.) d = 256 was not timed,
+    so it keeps two loops."""
     name = os.environ.get("MEMATTN_CAUSAL_LOOP")
     if name is None:
         return _CAUSAL_LOOPS["one" if block_d == 128 else "split"]

@@ -298,11 +298,11 @@ CAUSAL_LOOP_CASES = {
 }
 
 
-@pytest.mark.parametrize("loop", ["split", "masked_first", "one"])
+@pytest.mark.parametrize("loop", ["split", "one"])
 @pytest.mark.parametrize("name", list(CAUSAL_LOOP_CASES))
 def test_causal_loops(tp, monkeypatch, loop, name):
-    """Every CAUSAL_LOOP (MEMATTN_CAUSAL_LOOP: the causal forward's two K/V loops, the masked tiles first, or one
-    loop masking from lo_mask on) against fp64; rows that see no key give NaN forward as eager does."""
+    """Both CAUSAL_LOOPs (MEMATTN_CAUSAL_LOOP: the causal forward's two K/V loops, or one loop masking from
+    lo_mask on) against fp64; rows that see no key give NaN forward as eager does."""
     monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", loop)
     assert tp._causal_loop(32) == tp._CAUSAL_LOOPS[loop]
     dtype, shape, sk, bias_shape = CAUSAL_LOOP_CASES[name]
@@ -319,7 +319,7 @@ def test_causal_loop_choice(tp, monkeypatch):
     monkeypatch.delenv("MEMATTN_CAUSAL_LOOP", raising=False)
     assert [tp._causal_loop(d) for d in (16, 64, 128, 256)] == [0, 0, 2, 0]
     monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", "diagonal")
-    with pytest.raises(ValueError, match="masked_first"):
+    with pytest.raises(ValueError, match="'one', 'split'"):
         tp._causal_loop(128)
 
 
@@ -564,11 +564,11 @@ def test_gpu_autotuned(tp, d, causal):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("loop", ["split", "masked_first", "one"])
+@pytest.mark.parametrize("loop", ["split", "one"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_causal_loops(tp, monkeypatch, loop, d):
-    """The causal loops other than a head dim's default (benchmarks/prefill.py times them) autotuned on the
-    benchmark's layout, with a causal offset that puts the diagonal inside a tile."""
+    """Both causal loops (benchmarks/prefill.py times them) autotuned on the benchmark's layout, with a causal
+    offset that puts the diagonal inside a tile."""
     monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", loop)
     q, k, v = make(BF16, z=2, h=4, m=1000, n=1090, d=d)
     check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=True, causal_offset=90))
