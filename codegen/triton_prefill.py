@@ -52,7 +52,7 @@ Kernel flags (tl.constexpr; every one is decided on the host from the call's ten
     FUSE_SCALE         plain scores (no bias, mask or softcap) and a positive scale: each score is one FMA
                        (qk * qk_scale - m) before exp2; the forward takes its row max on qk and scales it per row
     CAUSAL_LOOP        _attn_fwd with IS_CAUSAL: how a query block walks its keys. 0: the tiles every row may see,
-                       then the diagonal ones under the causal mask, two K/V loops. 2: one loop; the mask is taken
+                       then the diagonal ones under the causal mask, two K/V loops. 1: one loop; the mask is taken
                        on a tile only from lo_mask on, a branch uniform over the tile (plain scores; the other paths
                        mask every tile), which saves the second loop's pipeline fill and drain. Chosen per head dim
                        by _causal_loop (MEMATTN_CAUSAL_LOOP overrides)
@@ -293,7 +293,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, b
             # plain scores with qk_scale > 0: the scaled tile is never formed. The row max is taken on qk and
             # scaled once per row (rounding is monotonic, so it equals the max of the scaled scores), and each
             # score costs one FMA before exp2 instead of a multiply and a subtract
-            if CAUSAL_BRANCH:  # CAUSAL_LOOP == 2: one loop, the causal mask only on tiles from causal_from
+            if CAUSAL_BRANCH:  # CAUSAL_LOOP == 1: one loop, the causal mask only on tiles from causal_from
                 qk = _key_masks(qk, rows, cols, N, causal_offset, False, EVEN_N)
                 if start_n >= causal_from:
                     qk = tl.where(cols <= rows + causal_offset, qk, float("-inf"))
@@ -379,7 +379,7 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
         # keys past hi are masked for every row of the block; keys below lo_mask are allowed for every row
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        if CAUSAL_LOOP == 2:  # one K/V loop; the mask taken on tiles from lo_mask (a branch uniform per tile)
+        if CAUSAL_LOOP == 1:  # one K/V loop; the mask taken on tiles from lo_mask (a branch uniform per tile)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                        mask_base, rh, offs_m, offs_n,
                                        offs_d, offs_dv, 0, hi, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -998,7 +998,7 @@ def _warp_spec_wanted() -> bool:
     return os.environ.get("MEMATTN_WS", "0") == "1"
 
 
-_CAUSAL_LOOPS = {"split": 0, "one": 2}
+_CAUSAL_LOOPS = {"split": 0, "one": 1}
 
 
 def _causal_loop(block_d: int) -> int:
@@ -1196,7 +1196,7 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     fixed = _fixed_config()
     kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed),
                   FUSE_SCALE=_fuse_scale(c),
-                  CAUSAL_LOOP=_causal_loop(max(c["flags"]["BLOCK_D"], c["flags"]["BLOCK_DV"])))
+                  CAUSAL_LOOP=_causal_loop(max(c["flags"]["BLOCK_D"], c["flags"]["BLOCK_DV"])) if spec.causal else 0)
 
     def grid(meta):
         return (-(-m // meta["BLOCK_M"]), z * h)

@@ -317,7 +317,7 @@ def test_causal_loop_choice(tp, monkeypatch):
     """Unset: one loop for padded head dims of 128 (where it was timed faster), two elsewhere; a bad name is a
     ValueError that lists the names."""
     monkeypatch.delenv("MEMATTN_CAUSAL_LOOP", raising=False)
-    assert [tp._causal_loop(d) for d in (16, 64, 128, 256)] == [0, 0, 2, 0]
+    assert [tp._causal_loop(d) for d in (16, 64, 128, 256)] == [0, 0, 1, 0]
     monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", "diagonal")
     with pytest.raises(ValueError, match="'one', 'split'"):
         tp._causal_loop(128)
