@@ -379,16 +379,8 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
         # keys past hi are masked for every row of the block; keys below lo_mask are allowed for every row
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        if CAUSAL_LOOP == 1:  # one K/V loop; the mask taken on tiles from lo_mask (a branch uniform per tile)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
-                                       mask_base, rh, offs_m, offs_n,
-                                       offs_d, offs_dv, 0, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                       WARP_SPEC, FUSE_SCALE, lo_mask, True)
-        else:  # the unmasked tiles, then the masked ones
+        lo = 0
+        if CAUSAL_LOOP == 0:  # two K/V loops: the unmasked tiles first, with no mask
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                        mask_base, rh, offs_m, offs_n,
                                        offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -397,14 +389,17 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                        BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, False, HAS_BIAS,
                                        HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
                                        WARP_SPEC, FUSE_SCALE)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
-                                       mask_base, rh, offs_m, offs_n,
-                                       offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                                       stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                       softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
-                                       HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
-                                       WARP_SPEC, FUSE_SCALE)
+            lo = lo_mask
+        # the masked tiles; with CAUSAL_LOOP == 1 every tile in one loop, the mask taken from lo_mask on (a branch
+        # uniform per tile)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
+                                   mask_base, rh, offs_m, offs_n,
+                                   offs_d, offs_dv, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
+                                   softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, EVEN_DV, True, HAS_BIAS,
+                                   HAS_MASK, MASK_KEEP, HAS_DROPOUT, SOFTCAP, NATURAL, DOT_PREC, USE_TMA,
+                                   WARP_SPEC, FUSE_SCALE, lo_mask, CAUSAL_LOOP == 1)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base,
                                    mask_base, rh, offs_m, offs_n,
