@@ -31,18 +31,21 @@ Kernel flags (tl.constexpr, decided on the host; the flags shared with prefill m
     DIRECT             one split: the split kernel normalises its rows and writes out and stats itself (no
                        workspace, no combine launch); SAFE_SOFTMAX as in prefill
     USE_TMA            K/V tiles through TMA descriptors, as in prefill
-    PDL                the combine is launched as a programmatic dependent of the split kernel (see pdl_wanted)
+    PDL                the combine is launched as a programmatic dependent of the split kernel (see pdl_wanted;
+                       on by default on Hopper and later)
     BUCKET_N, BUCKET_P autotune key only: the chunk's length bucket and the launch's program-count bucket
-    BLOCK_S            combine: splits reduced per step
+    BLOCK_S, ONE_PASS  combine: splits reduced per step; ONE_PASS when that is all of them (while [splits, Dv]
+                       fits _COMBINE_ONE_PASS elements): every partial loaded at once
 
 The number of splits is chosen on the host from batch, KV heads, row blocks, cache length and the SM count
-(``num_splits``): the fewest whose waves are nearly as full as the best count's, never a chunk shorter than one key
-tile (chunks are multiples of ``CHUNK_ALIGN`` so that every autotuned BLOCK_N divides them).
+(``num_splits``): the fewest evenly sized chunks whose waves are nearly as full as the best count's, never a chunk
+shorter than one key tile (chunks are multiples of ``CHUNK_ALIGN`` so that every autotuned BLOCK_N divides them).
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -58,7 +61,10 @@ _MAX_ROWS = 64           # query rows (G * M) per program; more rows take anothe
 _MAX_SPLITS = 256
 _WAVES = 2               # programs resident per SM that the split count plans for (see num_splits)
 _MIN_CHUNK = 128         # keys per split at least (H100 sweep of 128/256/512: 128 best or within noise everywhere)
-_WAVE_EFF = 0.85         # take the fewest splits whose wave efficiency is at least this times the best count's
+_WAVE_EFF = 0.95         # take the fewest splits whose efficiency is at least this times the best count's
+_COMBINE_ONE_PASS = 8192 # the combine loads every split's partial at once while [splits, Dv] in fp32 is at most
+                         # this many elements (64 x 128: 64 registers a thread in 4 warps)
+_COMBINE_STEP = 32       # more splits than that: reduced this many at a time, in two passes
 
 
 @triton.jit
@@ -154,8 +160,10 @@ def _decode_combine(Acc, ML, Out, Stats,
                     stride_oz, stride_oh, stride_om, stride_od,
                     HKV, G, M, DV, R, SPLITS, ROWS_PAD, ZHM,
                     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, SAFE_SOFTMAX: tl.constexpr,
-                    NATURAL: tl.constexpr, PDL: tl.constexpr):
-    """One program per query row (z, kv head, group row r): the splits are reduced BLOCK_S at a time."""
+                    NATURAL: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One program per query row (z, kv head, group row r). ONE_PASS (SPLITS <= BLOCK_S): every split's partial
+    (m, l, acc) is loaded at once, one round trip to memory; else the splits are reduced BLOCK_S at a time, the row
+    max first, then the weighted sums."""
     if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
         tl.extra.cuda.gdc_wait()
     pid_zk = tl.program_id(0)
@@ -167,23 +175,34 @@ def _decode_combine(Acc, ML, Out, Stats,
     offs_dv = tl.arange(0, BLOCK_DV)
     base = pid_zk.to(tl.int64) * SPLITS * ROWS_PAD + r   # workspace row of split s: base + s * ROWS_PAD
 
-    m_blk = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        s = s0 + offs_s
-        m_blk = tl.maximum(m_blk, tl.load(ML + 2 * (base + s * ROWS_PAD), mask=s < SPLITS, other=float("-inf")))
-    m = tl.max(m_blk, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_blk = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        s = s0 + offs_s
-        ws = base + s * ROWS_PAD
-        m_s = tl.load(ML + 2 * ws, mask=s < SPLITS, other=float("-inf"))
-        w = tp._exp_diff(m_s, m_safe, NATURAL)   # an empty split (m_s = -inf) weighs exactly 0
-        l_blk += tl.load(ML + 2 * ws + 1, mask=s < SPLITS, other=0.0) * w
-        a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
-    l = tl.sum(l_blk, 0)
+    if ONE_PASS:  # no load waits on another: one memory latency, where the loop pays two per step
+        ws = base + offs_s * ROWS_PAD
+        live = offs_s < SPLITS
+        m_s = tl.load(ML + 2 * ws, mask=live, other=float("-inf"))
+        l_s = tl.load(ML + 2 * ws + 1, mask=live, other=0.0)
+        a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=live[:, None], other=0.0)
+        m = tl.max(m_s, 0)
+        w = tp._exp_diff(m_s, tl.where(m == float("-inf"), 0.0, m), NATURAL)  # an empty split weighs exactly 0
+        l = tl.sum(l_s * w, 0)
+        acc = tl.sum(a * w[:, None], 0)
+    else:
+        m_blk = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            s = s0 + offs_s
+            m_blk = tl.maximum(m_blk, tl.load(ML + 2 * (base + s * ROWS_PAD), mask=s < SPLITS, other=float("-inf")))
+        m = tl.max(m_blk, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # the global max made finite first: no -inf - -inf
+        l_blk = tl.zeros([BLOCK_S], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            s = s0 + offs_s
+            ws = base + s * ROWS_PAD
+            m_s = tl.load(ML + 2 * ws, mask=s < SPLITS, other=float("-inf"))
+            w = tp._exp_diff(m_s, m_safe, NATURAL)   # an empty split (m_s = -inf) weighs exactly 0
+            l_blk += tl.load(ML + 2 * ws + 1, mask=s < SPLITS, other=0.0) * w
+            a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
+        l = tl.sum(l_blk, 0)
     o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + row * stride_om + offs_dv * stride_od
     st = (off_z * (HKV * G) + off_h) * M + row   # stats [2, Z, H, M]
     _write_rows(acc, l, l, m, o_ptrs, offs_dv < DV, Stats + st, True, ZHM, SAFE_SOFTMAX, NATURAL)
@@ -225,13 +244,17 @@ def _programs_bucket(programs: int, sms: int) -> int:
 def pdl_wanted(device) -> bool:
     """Programmatic dependent launch of the combine (Hopper and later): its grid is launched while the split kernel
     still runs and waits in-kernel (griddepcontrol) for the partials, instead of starting after a kernel boundary.
-    An experiment, off unless MEMATTN_PDL=1: the combine is 2-3 us of a 6-130 us step on the H200, and where memattn
-    trails SDPA (1-2% at batch 1) that boundary was the suspect. Measured on the H200 (Triton 3.6, batch 1 and 8,
-    4k-128k cached tokens, benchmarks/results/decode_pdl_h200_torch211.csv): within 1% of the plain launch at every
-    point, either way, so it stays off. Never under the interpreter (no griddepcontrol there)."""
-    if os.environ.get("MEMATTN_PDL", "0") != "1" or tp._interpret():
+    On by default on such a device (MEMATTN_PDL=0 turns it off): measured on the H200 (Triton 3.6, CUDA graphs,
+    batch 1 and 8 x 4k-128k cached tokens, two A/B rounds, benchmarks/results/decode_pdl_h200_torch211.csv) it
+    was 0.3-0.8 us a step faster at every point, 6.9 against 7.3-7.5 us at batch 1 x 4k. (Before the one-pass
+    combine it was within 1% either way.) Never under the interpreter (no griddepcontrol there), nor after a PDL
+    launch failed in this process (forward() then warns once and launches plainly)."""
+    if os.environ.get("MEMATTN_PDL", "1") == "0" or tp._interpret() or _pdl_failed:
         return False
     return tp.hopper_or_later(device)
+
+
+_pdl_failed = False
 
 
 def _sm_count(device) -> int:
@@ -244,17 +267,22 @@ def num_splits(programs: int, n: int, sms: int, align: int = CHUNK_ALIGN,
                min_chunk: int | None = None) -> tuple[int, int]:
     """(splits, chunk) for ``programs`` = batch x KV heads x row blocks over a cache of ``n`` keys.
 
-    The machine runs ``_WAVES * sms`` programs at once. Splitting s ways makes programs * s programs: s waves'
-    worth, the last one partly idle. Take the fewest splits whose wave efficiency (full waves / waves started) is
-    within ``_WAVE_EFF`` of the best count's: with programs enough to fill the machine that is 1 (no workspace and
-    no combine launch), with a few it is enough splits to fill it. (An H100 sweep, benchmarks/decode.py --sweep,
-    found fewer splits never slower at equal efficiency: each split adds a partial to write and combine.)
-    Chunks are a multiple of ``align`` (no key tile straddles two chunks) and at least ``min_chunk`` keys (default
-    ``_MIN_CHUNK``) unless the cache is shorter; the last chunk never starts past the cache's end.
+    The machine runs ``slots`` = ``_WAVES * sms`` programs at once. Splitting the cache's ``tiles`` (aligned key
+    tiles) into chunks of ``per`` tiles makes programs * splits programs, run in ceil(programs * splits / slots)
+    waves, each as long as its longest chunk. Their efficiency is the tile work done over the slot time held:
+    programs * tiles / (slots * waves * per). It counts both a partly idle last wave and a ragged split (at 64k
+    keys, 29 chunks of 18 tiles and a last of 8 hold every slot for 18 tiles, where 32 chunks of 16 finish two tiles
+    sooner: H200, batch 1, 0.98x -> 1.00x of cuDNN's decode, benchmarks/results/decode_sweep_h200_torch211.csv).
+    Take the fewest splits within ``_WAVE_EFF`` of the best count's efficiency: with programs enough to fill the
+    machine that is 1 (no workspace and no combine launch), with a few it is enough evenly sized splits to fill it.
+    (An H100 sweep, benchmarks/decode.py --sweep, found fewer splits never slower at equal efficiency: each split
+    adds a partial to write and combine.) Chunks are a multiple of ``align`` (no key tile straddles two chunks) and
+    at least ``min_chunk`` keys (default ``_MIN_CHUNK``) unless the cache is shorter; the last chunk never starts
+    past the cache's end.
 
     Runs on every decode step's launch, so it is plain integer arithmetic (Triton's cdiv is a constexpr function
     whose host call costs microseconds, 3 per candidate count, up to 256 counts: 1.6 ms a call at a 64k cache on
-    a 2-core CI machine), stops at the first count with full waves (no later one can be better), and is cached. The
+    a 2-core CI machine), stops at a count of efficiency 1 (no later one can be better), and is cached. The
     answer depends on n only through its number of aligned tiles and of least-size chunks (ceil(ceil(n/s)/a) =
     ceil(ceil(n/a)/s)), so a cache growing by a token a step asks anew once every ``align`` tokens."""
     min_chunk = max(align, _MIN_CHUNK if min_chunk is None else min_chunk)
@@ -271,7 +299,7 @@ def _num_splits(programs, tiles, most, slots, align, max_splits, wave_eff):
         per = -(-tiles // s)                        # tiles per chunk; fewer splits than s may then cover the cache
         splits = -(-tiles // per)
         started = -(-(programs * splits) // slots)  # waves started, the last one maybe partly idle
-        eff = programs * splits / (slots * started)
+        eff = programs * tiles / (slots * started * per)
         options.append((eff, splits, per * align))
         best = max(best, eff)
         if eff >= 1.0:
@@ -322,34 +350,45 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     else:
         acc = torch.empty((z * hkv, splits, rows_pad, block_dv), dtype=torch.float32, device=q.device)
         ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
-    pdl = not direct and pdl_wanted(q.device)
-    flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
-                                           "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC",
-                                           "SAFE_SOFTMAX")}
-    flags["PDL"] = pdl
     scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
     grid = (splits, z * hkv, row_blocks)
+    one_pass = max(2, tp.next_pow2(splits)) * block_dv <= _COMBINE_ONE_PASS
+    block_s = max(2, tp.next_pow2(splits)) if one_pass else _COMBINE_STEP
+    flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
+                                           "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC", "SAFE_SOFTMAX")}
 
-    def launch(kdesc, vdesc, use_tma):
+    def run(kdesc, vdesc, use_tma, pdl):
         args = (q, k, v, c["b4"], c["m4"], acc, ml, out, stats, kdesc, vdesc,
                 *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
                 hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
         if fixed is None:
-            tp.launch_tuned(_decode_split_tuned, grid, args, dict(scal, BLOCK_R=block_r, **flags, DIRECT=direct,
-                                                                  EVEN_N=n % CHUNK_ALIGN == 0, USE_TMA=use_tma,
-                                                                  **buckets))
+            tp.launch_tuned(_decode_split_tuned, grid, args, dict(scal, BLOCK_R=block_r, **flags, PDL=pdl,
+                                                                  DIRECT=direct, EVEN_N=n % CHUNK_ALIGN == 0,
+                                                                  USE_TMA=use_tma, **buckets))
         else:
             bn = fixed["BLOCK_N"]
             if use_tma:
                 tp.tma_block_hook(dict(USE_TMA=True, KDesc=kdesc, VDesc=vdesc, BLOCK_N=bn, **flags))
-            _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, EVEN_N=n % bn == 0, DIRECT=direct,
+            _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, PDL=pdl, EVEN_N=n % bn == 0, DIRECT=direct,
                                 USE_TMA=use_tma, **buckets, BLOCK_N=bn, num_warps=fixed["num_warps"],
                                 num_stages=fixed["num_stages"])
+        if not direct:
+            _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits,
+                                             rows_pad, z * h * m, BLOCK_S=block_s, BLOCK_DV=block_dv,
+                                             SAFE_SOFTMAX=flags["SAFE_SOFTMAX"], NATURAL=flags["NATURAL"], PDL=pdl,
+                                             ONE_PASS=one_pass, **({"launch_pdl": True} if pdl else {}))
+
+    def launch(kdesc, vdesc, use_tma):
+        global _pdl_failed
+        if direct or not pdl_wanted(q.device):
+            return run(kdesc, vdesc, use_tma, False)
+        try:
+            return run(kdesc, vdesc, use_tma, True)
+        except Exception as e:  # noqa: BLE001 - PDL's fault only if the plain launch then works (below)
+            failure = e
+        run(kdesc, vdesc, use_tma, False)   # a failure here is not PDL's: it goes to the TMA fallback
+        _pdl_failed = True
+        warnings.warn(f"memattn: the decode kernels' programmatic dependent launch failed ({type(failure).__name__}: "
+                      f"{failure}); launching without it from now on", RuntimeWarning, stacklevel=4)
     tp.launch_with_tma_fallback(launch, k, v)
-    if direct:
-        return out, stats
-    _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits, rows_pad,
-                                     z * h * m, BLOCK_S=min(32, max(2, tp.next_pow2(splits))),
-                                     BLOCK_DV=block_dv, SAFE_SOFTMAX=c["flags"]["SAFE_SOFTMAX"],
-                                     NATURAL=c["flags"]["NATURAL"], PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return out, stats

@@ -199,6 +199,40 @@ def test_kernel_one_split_writes_the_output_itself(monkeypatch, case):
 
 
 @kernel_test
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "loop"])
+def test_kernel_combine_one_pass_and_loop(monkeypatch, one_pass):
+    """The combine reduces every split's partial in one pass when they fit one block, else in steps of
+    _COMBINE_STEP splits (here 2, so every case takes several steps, ragged last ones too): the same answers,
+    empty chunks and fully-masked rows included. The launches are checked to take the path under test."""
+    from attn_compiler.codegen import triton_decode as td
+    real, seen = td._decode_combine, []
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["ONE_PASS"], kw["BLOCK_S"], args[13]))  # args[13]: SPLITS
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(td, "_decode_combine", _Spy())
+    if not one_pass:
+        monkeypatch.setattr(td, "_COMBINE_ONE_PASS", 1)
+        monkeypatch.setattr(td, "_COMBINE_STEP", 2)
+    # caches long enough for several chunks of the GPU's 32-key tiles too
+    mask = torch.ones(2, 1, 1, 100, dtype=torch.bool)
+    mask[1] = False
+    run_case(2, 4, 4, 1, 300, 32)                                        # ragged last chunk
+    run_case(1, 4, 2, 3, 200, 16, sp=spec(causal=True, causal_offset=40))  # chunks past key 42 are empty
+    out = run_case(2, 4, 2, 1, 100, 16, mask=mask)                       # a row with no key: NaN
+    assert out[1].isnan().all() and torch.isfinite(out[0]).all()
+    out = run_case(2, 4, 2, 1, 100, 16, mask=mask, sp=spec(safe_softmax=True))
+    assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
+    assert len(seen) == 4 and all(p == one_pass for p, _, _ in seen), seen
+    for _, block_s, splits in seen:
+        assert splits >= 2 and (block_s >= splits if one_pass else block_s == 2), seen
+    assert max(splits for _, _, splits in seen) > 2, seen  # the loop takes several steps, a ragged last one
+
+
+@kernel_test
 def test_kernel_stats_feed_the_prefill_backward():
     """A decode call's stats drive the (prefill) backward: gradients through the op equal the reference's."""
     from attn_compiler.codegen import triton_prefill
@@ -241,33 +275,35 @@ def test_num_splits_fill_the_machine_and_cover_the_cache():
     from attn_compiler.codegen import triton_decode as td
     slots = td._WAVES * 132
 
-    def eff(programs, splits):
-        return programs * splits / slots / math.ceil(programs * splits / slots)
+    def eff(programs, n, splits, chunk):  # tile work done over slot time held (num_splits' docstring)
+        tiles, per = math.ceil(n / td.CHUNK_ALIGN), chunk // td.CHUNK_ALIGN
+        return programs * tiles / (slots * math.ceil(programs * splits / slots) * per)
     for programs, n in ((8, 1024), (8, 131072), (512, 4096), (1, 100), (64, 16384), (64, 1024), (1, 300),
                         (264, 65536), (140, 8192), (8, 4096), (3, 1000)):
         splits, chunk = td.num_splits(programs, n, 132)
         assert chunk % td.CHUNK_ALIGN == 0 and (splits - 1) * chunk < n <= splits * chunk
         assert splits <= 256 and (splits == 1 or chunk >= td._MIN_CHUNK)
         if n // td._MIN_CHUNK >= 256:  # any split count was possible: the machine is (nearly) full every wave
-            assert eff(programs, splits) >= 0.8, (programs, n, splits)
+            assert eff(programs, n, splits, chunk) >= 0.9, (programs, n, splits)
     assert td.num_splits(264, 65536, 132) == (1, 65536)  # 2 programs per SM already: one split, no combine
     assert td.num_splits(512, 4096, 132) == (1, 4096)
     assert td.num_splits(8, 1024, 132) == (8, 128)       # 8 programs: as many splits as the cache has tiles
     assert td.num_splits(64, 1024, 132) == (4, 256)      # 256 of 264 slots
     assert td.num_splits(1, 100, 132) == (1, 128)
+    assert td.num_splits(8, 65536, 132) == (32, 2048)    # even chunks: not 29 of 18 tiles and a last of 8
 
 
 def _num_splits_by_definition(programs, n, sms, align, min_chunk, waves, wave_eff, max_splits):
     """num_splits as its docstring states it: every count from 1 to the most allowed, then the fewest within
-    wave_eff of the best efficiency (no early stop, no cache)."""
+    wave_eff of the best efficiency, tile work over slot time held (no early stop, no cache)."""
     import math
     slots = waves * sms
     options = []
     for s in range(1, min(max_splits, max(1, n // max(align, min_chunk))) + 1):
         chunk = math.ceil(math.ceil(n / s) / align) * align
         splits = math.ceil(n / chunk)
-        w = programs * splits / slots
-        options.append((w / math.ceil(w), splits, chunk))
+        waves = math.ceil(programs * splits / slots)
+        options.append((programs * math.ceil(n / align) * align / (slots * waves * chunk), splits, chunk))
     best = max(o[0] for o in options)
     return next((sp, ch) for e, sp, ch in options if e >= wave_eff * best)
 
@@ -286,24 +322,62 @@ def test_num_splits_is_its_definition_and_follows_the_knobs(monkeypatch):
                                                      td._WAVE_EFF, td._MAX_SPLITS)
                     assert got == want, (sms, programs, n, align, min_chunk)
     base = td.num_splits(8, 65536, 132)
-    monkeypatch.setattr(td, "_WAVE_EFF", 0.99)
+    monkeypatch.setattr(td, "_WAVE_EFF", 0.5)
     assert td.num_splits(8, 65536, 132) == _num_splits_by_definition(8, 65536, 132, 128, td._MIN_CHUNK, td._WAVES,
-                                                                     0.99, td._MAX_SPLITS) != base
+                                                                     0.5, td._MAX_SPLITS) != base
     monkeypatch.setattr(td, "_MAX_SPLITS", 4)
     assert td.num_splits(8, 65536, 132)[0] <= 4
 
 
-def test_pdl_is_opt_in_and_never_on_the_cpu_or_the_interpreter(monkeypatch):
-    """MEMATTN_PDL=1 asks for the combine as a programmatic dependent launch: a Hopper-and-later CUDA feature, so
-    never for a CPU tensor or under TRITON_INTERPRET, and off unless asked for."""
+def test_pdl_is_the_default_on_hopper_and_never_on_the_cpu_or_the_interpreter(monkeypatch):
+    """The combine is a programmatic dependent launch on Hopper and later by default: MEMATTN_PDL=0 turns it off;
+    never for a CPU tensor, under TRITON_INTERPRET, or after a PDL launch failed in this process."""
     from attn_compiler.codegen import triton_decode as td
+    from attn_compiler.codegen import triton_prefill as tp
     monkeypatch.delenv("MEMATTN_PDL", raising=False)
-    cpu = torch.device("cpu")
-    assert not td.pdl_wanted(cpu)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not td.pdl_wanted(torch.device("cpu"))
+    monkeypatch.setattr(tp, "hopper_or_later", lambda device: device.type == "cuda")  # an H100/H200 in name
+    cuda = torch.device("cuda")
+    assert td.pdl_wanted(cuda)
+    monkeypatch.setenv("MEMATTN_PDL", "0")
+    assert not td.pdl_wanted(cuda)
     monkeypatch.setenv("MEMATTN_PDL", "1")
-    assert not td.pdl_wanted(cpu)
+    assert td.pdl_wanted(cuda)
+    monkeypatch.setattr(td, "_pdl_failed", True)
+    assert not td.pdl_wanted(cuda)
+    monkeypatch.setattr(td, "_pdl_failed", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not td.pdl_wanted(torch.device("cuda"))
+    assert not td.pdl_wanted(cuda)
+
+
+@kernel_test
+def test_kernel_a_failed_pdl_launch_warns_and_launches_plainly(monkeypatch):
+    """A PDL launch that fails (a Triton or driver without griddepcontrol) costs a warning, not the step: the same
+    call is launched without PDL, and later calls do not try again."""
+    from attn_compiler.codegen import triton_decode as td
+    from attn_compiler.codegen import triton_prefill as tp
+    real, seen = td._decode_combine, []
+
+    class _NoPdl:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["PDL"])
+                if kw["PDL"]:
+                    raise RuntimeError("griddepcontrol is not supported here")
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(td, "_decode_combine", _NoPdl())
+    monkeypatch.setattr(td, "_pdl_failed", False)
+    monkeypatch.setattr(tp, "_tma_failed", False)
+    monkeypatch.setattr(td, "pdl_wanted", lambda device: not td._pdl_failed)
+    with pytest.warns(RuntimeWarning, match="programmatic dependent launch failed"):
+        run_case(1, 8, 2, 1, 100, 16)
+    assert td._pdl_failed and seen[-1] is False
+    assert not tp._tma_failed  # the failure is PDL's, not put on TMA (which the plain launch used)
+    n_seen = len(seen)
+    run_case(1, 8, 2, 1, 100, 16)
+    assert seen[n_seen:] == [False]
 
 
 def test_autotune_key_holds_the_chunk_and_the_program_count():
