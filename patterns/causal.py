@@ -81,6 +81,22 @@ def _neg(p):
     return Pred(tuple(-c for c in p.coef), _ladd({1: -1}, p.bound, -1))
 
 
+def _literal(n: fx.Node):
+    """The value of a one-element tensor literal of the traced code: ``torch.tensor(0.0)`` (HF's masks of
+    transformers 5.17 fill with it) traces to ``lift_fresh_copy(_tensor_constant<k>)``, a fresh copy of a graph
+    constant on every call, so its value is part of the program. Anything else read through get_attr (a buffer, a
+    parameter, a tensor the user may change between calls) is data: None."""
+    if not isinstance(n.target, str) or not n.target.rsplit(".", 1)[-1].startswith("_tensor_constant"):
+        return None
+    obj = n.graph.owning_module
+    for part in n.target.split("."):
+        obj = getattr(obj, part, None)
+    if type(obj) is not torch.Tensor or obj.numel() != 1 or obj.device.type == "meta":  # not fake, not a subclass
+        return None
+    value = obj.item()
+    return Const(bool(value) if obj.dtype == torch.bool else value)
+
+
 class _Interp:
     def __init__(self):
         self.memo: dict = {}
@@ -107,6 +123,8 @@ class _Interp:
         if n.op != "call_function":
             return None
         t, a = n.target, n.args
+        if t is aten.lift_fresh_copy.default and isinstance(a[0], fx.Node) and a[0].op == "get_attr":
+            return _literal(a[0])
         rank = self._rank(n)
         if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
             if t is aten.arange.default:
@@ -479,5 +497,14 @@ def additive_min(q, k, v):
     return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
 
 
+def tensor_literal_fill(q, k, v):
+    # HF masking utils of transformers 5.17: where(allowed, torch.tensor(0.0), finfo.min) added to the scores
+    sq, sk = q.shape[-2], k.shape[-2]
+    allowed = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    zero = torch.tensor(0.0, device=q.device, dtype=q.dtype)
+    bias = torch.where(allowed, zero, torch.finfo(q.dtype).min)
+    return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+
 SPELLINGS = {"tril_ones": tril_ones, "triu_fill": triu_fill, "arange_compare": arange_compare,
-             "additive_min": additive_min}
+             "additive_min": additive_min, "tensor_literal_fill": tensor_literal_fill}

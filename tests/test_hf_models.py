@@ -13,6 +13,7 @@ Family notes (what each one exercises):
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -168,6 +169,14 @@ def _case_id(case):
 NOT_FULLGRAPH = {"mixtral"}
 
 
+def _layerdrop_draws_always(hf) -> bool:
+    """OPT and BART of transformers up to 5.18 at least (5.17 is on the GPU machine) draw torch.rand([]) for LayerDrop
+    on every training step, layerdrop 0 included, and branch on it: no backend compiles that in one graph. Later
+    versions draw only when layerdrop > 0."""
+    src = inspect.getsource(inspect.getmodule(type(hf)))
+    return "torch.rand([])" in src and "layerdrop > 0" not in src
+
+
 def _graph_count(model, inputs, dynamic) -> int:
     count = 0
 
@@ -186,6 +195,9 @@ def _check(family, spec, extra, train, dynamic, rewritten, left):
     """check_model over every graph of the compiled model; returns the sites of the compiled run."""
     hf = _build(*spec)
     model, inputs = Logits(hf, extra).train(train), _inputs(extra)
+    if train and _layerdrop_draws_always(hf):
+        pytest.skip(f"transformers {T.__version__} draws LayerDrop's random number on every training step of "
+                    f"{type(hf).__name__} and branches on it: no backend compiles that in one graph")
     fullgraph = family not in NOT_FULLGRAPH
     graphs = None if fullgraph else _graph_count(model, inputs, dynamic)
     before = len(attn_compiler.reports())

@@ -106,6 +106,30 @@ def test_causal_in_graph(name, dtype, dynamic):
     assert site.flags["causal"] and site.flags["bias"] == 0 and site.flags["bool_masks"] == 0, site.flags
 
 
+def test_causal_fill_read_from_a_buffer_is_data():
+    """The same where(allowed, 0, finfo.min) mask as the tensor_literal_fill spelling, but its 'allowed' value read
+    from a module buffer: the buffer may change between calls, so the mask is not proven causal and is passed to
+    the kernel as a tensor. (A tensor literal created by the traced code is part of the program and may be.)"""
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("allowed_value", torch.tensor(0.0))
+
+        def forward(self, q, k, v):
+            s = q.shape[-2]
+            allowed = torch.arange(s)[None, :] <= torch.arange(s)[:, None]
+            bias = torch.where(allowed, self.allowed_value, torch.finfo(torch.float32).min)
+            return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+    mod = Attn()
+    report = check_against_eager(mod, qkv(17, 16), torch.float32, grad=False)
+    flags = report.sites[0].flags
+    assert not flags["causal"] and flags["bias"] == 1, flags
+    mod.allowed_value.fill_(-5.0)  # the data changed: the compiled model follows it
+    q, k, v = qkv(17, 16)
+    torch.testing.assert_close(torch.compile(mod, backend="memattn")(q, k, v), mod(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("sq,sk", [(5, 37), (1, 40), (17, 17)])
 def test_causal_cross_lengths_bottom_right(sq, sk):
     """q shorter than k (a prefill chunk after a cache): eager's arange mask aligns the diagonal bottom-right."""
