@@ -352,8 +352,9 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
         ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
     scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
     grid = (splits, z * hkv, row_blocks)
-    one_pass = max(2, tp.next_pow2(splits)) * block_dv <= _COMBINE_ONE_PASS
-    block_s = max(2, tp.next_pow2(splits)) if one_pass else _COMBINE_STEP
+    all_splits = max(2, tp.next_pow2(splits))   # a block holding every split's partial
+    one_pass = all_splits * block_dv <= _COMBINE_ONE_PASS
+    block_s = all_splits if one_pass else _COMBINE_STEP
     flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
                                            "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC", "SAFE_SOFTMAX")}
 

@@ -168,6 +168,21 @@ def test_kernel_fully_masked_rows(fill, safe):
         assert (out[1] == 0).all()
 
 
+def _on_combine(monkeypatch, hook):
+    """Route triton_decode's combine launches through ``hook(args, kwargs)`` (which may record them, or raise)
+    before the real kernel runs."""
+    from attn_compiler.codegen import triton_decode as td
+    real = td._decode_combine
+
+    class _Hooked:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                hook(args, kw)
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(td, "_decode_combine", _Hooked())
+
+
 @kernel_test
 @pytest.mark.parametrize("case", ["ragged", "rowblocks", "causal", "bf16_d80", "masked_nan", "masked_safe"])
 def test_kernel_one_split_writes_the_output_itself(monkeypatch, case):
@@ -175,11 +190,10 @@ def test_kernel_one_split_writes_the_output_itself(monkeypatch, case):
     stats itself: no workspace and no combine launch. Same answers as the combine path, fully-masked rows too."""
     from attn_compiler.codegen import triton_decode as td
 
-    class _NoCombine:
-        def __getitem__(self, grid):
-            raise AssertionError("the combine kernel ran for a single split")
+    def no_combine(args, kw):
+        raise AssertionError("the combine kernel ran for a single split")
     monkeypatch.setattr(td, "_sm_count", lambda device: 0)  # no programs wanted beyond batch x kv heads: 1 split
-    monkeypatch.setattr(td, "_decode_combine", _NoCombine())
+    _on_combine(monkeypatch, no_combine)
     mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
     mask[1] = False
     if case == "ragged":
@@ -205,15 +219,8 @@ def test_kernel_combine_one_pass_and_loop(monkeypatch, one_pass):
     _COMBINE_STEP splits (here 2, so every case takes several steps, ragged last ones too): the same answers,
     empty chunks and fully-masked rows included. The launches are checked to take the path under test."""
     from attn_compiler.codegen import triton_decode as td
-    real, seen = td._decode_combine, []
-
-    class _Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append((kw["ONE_PASS"], kw["BLOCK_S"], args[13]))  # args[13]: SPLITS
-                return real[grid](*args, **kw)
-            return launch
-    monkeypatch.setattr(td, "_decode_combine", _Spy())
+    seen = []
+    _on_combine(monkeypatch, lambda args, kw: seen.append((kw["ONE_PASS"], kw["BLOCK_S"], args[13])))  # 13: SPLITS
     if not one_pass:
         monkeypatch.setattr(td, "_COMBINE_ONE_PASS", 1)
         monkeypatch.setattr(td, "_COMBINE_STEP", 2)
@@ -357,17 +364,13 @@ def test_kernel_a_failed_pdl_launch_warns_and_launches_plainly(monkeypatch):
     call is launched without PDL, and later calls do not try again."""
     from attn_compiler.codegen import triton_decode as td
     from attn_compiler.codegen import triton_prefill as tp
-    real, seen = td._decode_combine, []
+    seen = []
 
-    class _NoPdl:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["PDL"])
-                if kw["PDL"]:
-                    raise RuntimeError("griddepcontrol is not supported here")
-                return real[grid](*args, **kw)
-            return launch
-    monkeypatch.setattr(td, "_decode_combine", _NoPdl())
+    def no_pdl(args, kw):
+        seen.append(kw["PDL"])
+        if kw["PDL"]:
+            raise RuntimeError("griddepcontrol is not supported here")
+    _on_combine(monkeypatch, no_pdl)
     monkeypatch.setattr(td, "_pdl_failed", False)
     monkeypatch.setattr(tp, "_tma_failed", False)
     monkeypatch.setattr(td, "pdl_wanted", lambda device: not td._pdl_failed)
