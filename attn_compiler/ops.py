@@ -21,16 +21,10 @@ import torch
 from torch import Tensor
 
 from attn_compiler.codegen import dispatch
-from attn_compiler.codegen.reference import OUT_LAYOUTS, Spec, empty_out, in_layout, stats_dtype
+from attn_compiler.codegen.reference import OUT_LAYOUTS, empty_out, stats_dtype
 
 _SCHEMA_ARGS = ("scale", "softcap", "causal", "causal_offset", "mask_fill", "mask_keep", "dropout_p",
                 "safe_softmax")
-
-
-def _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax,
-          out_layout=0) -> Spec:
-    return Spec(float(scale), float(softcap), bool(causal), int(causal_offset), float(mask_fill), bool(mask_keep),
-                float(dropout_p), bool(safe_softmax), int(out_layout))
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -63,10 +57,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Opt
               seed: Optional[Tensor], scale: float, softcap: float, causal: bool, causal_offset: int,
               mask_fill: float, mask_keep: bool, dropout_p: float, safe_softmax: bool,
               kernel: str, out_layout: int = 0) -> tuple[Tensor, Tensor]:
-    _check_layout(out_layout)
-    spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax, out_layout)
-    out, stats = dispatch.forward(q, k, v, bias, mask, seed, spec, kernel)
-    return in_layout(out, out_layout), stats   # the fake's strides exactly, whatever ran
+    # out has the fake's strides exactly, whatever ran (dispatch's plans make sure of it)
+    return dispatch.attention(q, k, v, bias, mask, seed, scale, softcap, causal, causal_offset, mask_fill, mask_keep,
+                              dropout_p, safe_softmax, kernel, out_layout)
 
 
 _lib.impl("attention", attention, "CompositeExplicitAutograd")
@@ -93,8 +86,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        softcap: float, causal: bool, causal_offset: int, mask_fill: float, mask_keep: bool,
                        dropout_p: float, safe_softmax: bool, kernel: str,
                        bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
-    dq, dk, dv, dbias = dispatch.backward(dout, q, k, v, out, stats, bias, mask, seed, spec, kernel, bias_grad)
+    dq, dk, dv, dbias = dispatch.attention_backward(dout, q, k, v, out, stats, bias, mask, seed, scale, softcap,
+                                                    causal, causal_offset, mask_fill, mask_keep, dropout_p,
+                                                    safe_softmax, kernel, bias_grad)
     if dbias is None:
         dbias = q.new_empty((0,))
     # contiguous whatever the implementation returns, so the fake below describes the strides exactly

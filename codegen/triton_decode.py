@@ -322,17 +322,65 @@ def supports(*args):
     return True, ""
 
 
-def forward(q, k, v, bias, mask, seed, spec: Spec):
-    """Returns (out [Z, H, M, Dv] in v.dtype and spec.out_layout; stats [2, Z, H, M] fp32) like
-    triton_prefill.forward."""
+class _Decode:
+    """A planned decode step: allocates out, stats and the splits' workspace, launches the split kernel and (with
+    more than one split) the combine (see plan_forward)."""
+
+    __slots__ = ("split", "combine", "spec", "pdl", "out_shape", "out_strides", "stats_shape", "ws_shapes",
+                 "dtype", "device", "dummy", "tma")
+
+    def __call__(self, q, k, v, bias, mask, seed):
+        dev = self.device
+        out = torch.empty_strided(self.out_shape, self.out_strides, dtype=self.dtype, device=dev)
+        stats = torch.empty(self.stats_shape, dtype=torch.float32, device=dev)
+        if self.ws_shapes is None:   # one split: the split kernel writes out and stats (no workspace is read)
+            acc = ml = stats
+        else:
+            acc = torch.empty(self.ws_shapes[0], dtype=torch.float32, device=dev)
+            ml = torch.empty(self.ws_shapes[1], dtype=torch.float32, device=dev)
+        d = self.dummy
+        b = d if bias is None else bias
+        mk = d if mask is None else mask.view(torch.uint8)
+        if self.tma is None:
+            kd, vd = k, v
+        else:
+            kd, vd = tp._desc_like(self.tma[0], k), tp._desc_like(self.tma[1], v)
+        try:
+            self.split(q, k, v, b, mk, acc, ml, out, stats, kd, vd)
+            if self.combine is not None:
+                self.combine(acc, ml, out, stats)
+        except Exception as e:  # noqa: BLE001 - TMA's or PDL's fault, or neither (then it propagates)
+            return self._after_failure(e, q, k, v, bias, mask, seed)
+        return out, stats
+
+    def _after_failure(self, e, q, k, v, bias, mask, seed):
+        global _pdl_failed
+        if self.pdl:
+            tma_before = tp._tma_failed
+            result = plan_forward(q, k, v, bias, mask, seed, self.spec, pdl=False)(q, k, v, bias, mask, seed)
+            if tp._tma_failed == tma_before:   # the plain launch worked with the same loads: PDL's fault
+                _pdl_failed = True
+                tp.launch.invalidate()
+                warnings.warn(f"memattn: the decode kernels' programmatic dependent launch failed "
+                              f"({type(e).__name__}: {e}); launching without it from now on", RuntimeWarning,
+                              stacklevel=3)
+            return result
+        if self.tma is not None:
+            tp.tma_failure(e)
+            return plan_forward(q, k, v, bias, mask, seed, self.spec)(q, k, v, bias, mask, seed)
+        raise e
+
+
+def plan_forward(q, k, v, bias, mask, seed, spec: Spec, pdl: bool | None = None):
+    """The decode step of one call signature, as a callable (q, k, v, bias, mask, seed) -> (out [Z, H, M, Dv] in
+    v.dtype and spec.out_layout, stats [2, Z, H, M] fp32), like triton_prefill.plan_forward. ``pdl``: launch the
+    combine as a programmatic dependent (default: where pdl_wanted says so)."""
     c = tp._common(q, k, v, bias, mask, seed, spec)
     z, h, m, n, hkv, dv = c["z"], c["h"], c["m"], c["n"], c["hkv"], c["dv"]
-    out = reference.empty_out(z, h, m, dv, v.dtype, q.device, spec.out_layout)
-    stats = torch.empty((2, z, h, m), dtype=torch.float32, device=q.device)
-    if m == 0 or z * h == 0:
-        return out, stats
-    if n == 0:
-        return out.zero_(), stats.fill_(float("-inf"))
+    out_shape, out_strides = (z, h, m, dv), reference.out_strides(z, h, m, dv, spec.out_layout)
+    stats_shape = (2, z, h, m)
+    if m == 0 or z * h == 0 or n == 0:
+        return tp._Empty(out_shape, out_strides, stats_shape, v.dtype, q.device, no_keys=m > 0 and z * h > 0)
     g = h // hkv
     rows = g * m
     block_r = min(_MAX_ROWS, max(16, tp.next_pow2(rows)))
@@ -345,51 +393,46 @@ def forward(q, k, v, bias, mask, seed, spec: Spec):
     rows_pad = row_blocks * block_r
     block_dv = c["flags"]["BLOCK_DV"]
     direct = splits == 1
-    if direct:  # the split kernel writes out and stats; no workspace (the pointers are never read)
-        acc = ml = stats
-    else:
-        acc = torch.empty((z * hkv, splits, rows_pad, block_dv), dtype=torch.float32, device=q.device)
-        ml = torch.empty((z * hkv, splits, rows_pad, 2), dtype=torch.float32, device=q.device)
+    pdl = (not direct and pdl_wanted(q.device)) if pdl is None else (pdl and not direct)
     scal = {k_: c["scal"][k_] for k_ in ("qk_scale", "softcap_in", "softcap_out", "fill2", "causal_offset")}
     grid = (splits, z * hkv, row_blocks)
     all_splits = max(2, tp.next_pow2(splits))   # a block holding every split's partial
     one_pass = all_splits * block_dv <= _COMBINE_ONE_PASS
-    block_s = all_splits if one_pass else _COMBINE_STEP
     flags = {k_: c["flags"][k_] for k_ in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "IS_CAUSAL", "HAS_BIAS",
                                            "HAS_MASK", "MASK_KEEP", "SOFTCAP", "NATURAL", "DOT_PREC", "SAFE_SOFTMAX")}
+    kd, vd, use_tma = tp.tma_descs(k, v)
+    args = (hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out_strides)
+    named = dict(scal, BLOCK_R=block_r, **flags, PDL=pdl, DIRECT=direct, USE_TMA=use_tma, **buckets,
+                 EVEN_N=n % (align if fixed is not None else CHUNK_ALIGN) == 0)
+    if fixed is None:
+        split = tp.launch.Launch(_decode_split_tuned, lambda meta: grid, strides + args, named,
+                                 tuned_launch=tp.launch_tuned)
+    else:
+        split = tp.launch.Launch(_decode_split, lambda meta: grid, strides + args, named, config=dict(
+            BLOCK_N=fixed["BLOCK_N"], num_warps=fixed["num_warps"], num_stages=fixed["num_stages"]),
+            pre_hook=tp.tma_block_hook, bindable=not tp._interpret())
+    plan = _Decode()
+    plan.split = split
+    if direct:
+        plan.combine, plan.ws_shapes = None, None
+    else:
+        plan.ws_shapes = ((z * hkv, splits, rows_pad, block_dv), (z * hkv, splits, rows_pad, 2))
+        plan.combine = tp.launch.Launch(
+            _decode_combine, lambda meta: (z * hkv, rows), (*out_strides, hkv, g, m, dv, rows, splits, rows_pad,
+                                                            z * h * m),
+            dict(BLOCK_S=all_splits if one_pass else _COMBINE_STEP, BLOCK_DV=block_dv,
+                 SAFE_SOFTMAX=flags["SAFE_SOFTMAX"], NATURAL=flags["NATURAL"], PDL=pdl, ONE_PASS=one_pass,
+                 **({"launch_pdl": True} if pdl else {})),
+            bindable=not tp._interpret())
+    plan.spec, plan.pdl, plan.out_shape, plan.out_strides, plan.stats_shape = spec, pdl, out_shape, out_strides, \
+        stats_shape
+    plan.dtype, plan.device, plan.dummy = v.dtype, q.device, q.new_empty(1)
+    plan.tma = (kd, vd) if use_tma else None
+    return plan
 
-    def run(kdesc, vdesc, use_tma, pdl):
-        args = (q, k, v, c["b4"], c["m4"], acc, ml, out, stats, kdesc, vdesc,
-                *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
-                hkv, g, m, n, c["d"], dv, rows, chunk, splits, rows_pad, z * h * m)
-        if fixed is None:
-            tp.launch_tuned(_decode_split_tuned, grid, args, dict(scal, BLOCK_R=block_r, **flags, PDL=pdl,
-                                                                  DIRECT=direct, EVEN_N=n % CHUNK_ALIGN == 0,
-                                                                  USE_TMA=use_tma, **buckets))
-        else:
-            bn = fixed["BLOCK_N"]
-            if use_tma:
-                tp.tma_block_hook(dict(USE_TMA=True, KDesc=kdesc, VDesc=vdesc, BLOCK_N=bn, **flags))
-            _decode_split[grid](*args, **scal, BLOCK_R=block_r, **flags, PDL=pdl, EVEN_N=n % bn == 0, DIRECT=direct,
-                                USE_TMA=use_tma, **buckets, BLOCK_N=bn, num_warps=fixed["num_warps"],
-                                num_stages=fixed["num_stages"])
-        if not direct:
-            _decode_combine[(z * hkv, rows)](acc, ml, out, stats, *out.stride(), hkv, g, m, dv, rows, splits,
-                                             rows_pad, z * h * m, BLOCK_S=block_s, BLOCK_DV=block_dv,
-                                             SAFE_SOFTMAX=flags["SAFE_SOFTMAX"], NATURAL=flags["NATURAL"], PDL=pdl,
-                                             ONE_PASS=one_pass, **({"launch_pdl": True} if pdl else {}))
 
-    def launch(kdesc, vdesc, use_tma):
-        global _pdl_failed
-        if direct or not pdl_wanted(q.device):
-            return run(kdesc, vdesc, use_tma, False)
-        try:
-            return run(kdesc, vdesc, use_tma, True)
-        except Exception as e:  # noqa: BLE001 - PDL's fault only if the plain launch then works (below)
-            failure = e
-        run(kdesc, vdesc, use_tma, False)   # a failure here is not PDL's: it goes to the TMA fallback
-        _pdl_failed = True
-        warnings.warn(f"memattn: the decode kernels' programmatic dependent launch failed ({type(failure).__name__}: "
-                      f"{failure}); launching without it from now on", RuntimeWarning, stacklevel=4)
-    tp.launch_with_tma_fallback(launch, k, v)
-    return out, stats
+def forward(q, k, v, bias, mask, seed, spec: Spec):
+    """One decode step, planned afresh (dispatch.py keeps plans by call signature): (out, stats) like
+    triton_prefill.forward."""
+    return plan_forward(q, k, v, bias, mask, seed, spec)(q, k, v, bias, mask, seed)

@@ -77,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference, tune_cache
+from . import launch, reference, tune_cache
 from .reference import Spec
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
@@ -897,10 +897,12 @@ def force_config(block_m: int = 16, block_n: int = 16, num_warps: int = 4, num_s
     global _forced
     old, _forced = _forced, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps,
                              "num_stages": num_stages}
+    launch.invalidate()   # plans made under another tile
     try:
         yield
     finally:
         _forced = old
+        launch.invalidate()
 
 
 def _interpret() -> bool:
@@ -916,13 +918,14 @@ def _fixed_config():
 
 
 def launch_tuned(tuned, grid, args, kwargs):
-    """Launch through an autotuner built by _autotuned, and keep a pick it tuned in this call on disk.
+    """Launch through an autotuner built by _autotuned, and keep a pick it tuned in this call on disk. Returns
+    (the compiled kernel Triton launched, the config it ran with), which launch.Launch binds.
 
     A key's later launches skip the autotuner's own path, which rebuilds dicts of every argument and looks each
-    name up in a list to make its key on every call (H200 machine: 42-66 us of a forward's host time, where the
-    kernel's own Triton launch is 46): they launch the kernel with the pick this launcher remembers. Its key is
-    the autotuner's (the key arguments' values and the tensor arguments' dtypes), and a pick is taken only while
-    the autotuner still holds it, so clearing the autotuner's cache (as tests and tune_afresh do) re-tunes."""
+    name up in a list to make its key on every call: they launch the kernel with the pick this launcher
+    remembers. Its key is the autotuner's (the key arguments' values and the tensor arguments' dtypes), and a
+    pick is taken only while the autotuner still holds it, so clearing the autotuner's cache (as tests and
+    tune_afresh do) re-tunes. (A call signature seen before does not come here at all: its launch is bound.)"""
     picks = tuned.memattn_picks
     try:
         key = (tuple(kwargs[name] for name in tuned.memattn_key),
@@ -934,22 +937,20 @@ def launch_tuned(tuned, grid, args, kwargs):
         cfg, cfg_kwargs = pick
         if cfg.pre_hook is not None:
             cfg.pre_hook({**dict(zip(tuned.arg_names, args)), **kwargs, **cfg_kwargs})
-        tuned.fn[grid](*args, **kwargs, **cfg_kwargs)
-        return
-    tuned[grid](*args, **kwargs)
+        return tuned.fn[grid](*args, **kwargs, **cfg_kwargs), cfg
+    kernel = tuned[grid](*args, **kwargs)
     tuned.memattn_disk.after_launch(tuned, args, kwargs)
     if key is not None and any(c is tuned.best_config for c in tuned.cache.values()):
         picks[key] = (tuned.best_config, tuned.best_config.all_kwargs())
+    return kernel, tuned.best_config
 
 
-def _launch(tuned, raw, grid_fn, args, kwargs):
-    cfg = _fixed_config()
-    if cfg is None:
-        launch_tuned(tuned, grid_fn, args, kwargs)
-    else:
-        if kwargs.get("USE_TMA"):
-            tma_block_hook({**dict(zip(raw.arg_names, args)), **kwargs, **cfg})
-        raw[grid_fn(cfg)](*args, **kwargs, **cfg)
+def kernel_launch(tuned, grid, args: tuple, named: dict, n_tensors: int) -> launch.Launch:
+    """The Launch of ``tuned`` (an autotuner of _autotuned) for a planned call: ``args`` are the kernel's
+    positional arguments, its first ``n_tensors`` the call's tensors (given at each launch), and ``named`` the
+    rest by name. Under a fixed tile (the interpreter, force_config) that tile is launched instead of the pick."""
+    return launch.Launch(tuned, grid, args[n_tensors:], named, config=_fixed_config(), pre_hook=tma_block_hook,
+                         tuned_launch=launch_tuned, bindable=not _interpret())
 
 
 # TMA (Hopper and later): the forward kernels' K/V tiles are copied by the tensor memory accelerator through a
@@ -1035,22 +1036,6 @@ def tma_descs(k, v):
         if kd is not None and vd is not None:
             return kd, vd, True
     return k, v, False
-
-
-def launch_with_tma_fallback(launch, k, v):
-    """Run ``launch(k_desc, v_desc, use_tma)``; if a TMA launch fails to compile or encode, warn once, turn TMA off
-    for the process and run the pointer-load kernel instead."""
-    global _tma_failed
-    kd, vd, use = tma_descs(k, v)
-    if not use:
-        return launch(k, v, False)
-    try:
-        return launch(kd, vd, True)
-    except Exception as e:  # noqa: BLE001 - any compile/encode failure: the pointer path computes the same
-        _tma_failed = True
-        warnings.warn(f"memattn: the TMA variant of the attention kernels failed ({type(e).__name__}: {e}); "
-                      "using pointer loads from now on", RuntimeWarning, stacklevel=3)
-        return launch(k, v, False)
 
 
 # ------------------------------------------------------------------------------------------------------- host side
@@ -1177,79 +1162,203 @@ def _even_all(c, fixed):
     return dict(EVEN_M=c["m"] % 128 == 0, EVEN_N=c["n"] % 128 == 0)
 
 
-def forward(q, k, v, bias, mask, seed, spec: Spec):
-    """Returns (out [Z, H, M, Dv] in v.dtype and spec.out_layout; stats [2, Z, H, M] fp32: row max, log row
-    sum)."""
+def _seed_arg(seed, device):
+    """The dropout seed as the kernels read it: a one-element int64 tensor on the device."""
+    sd = seed if seed is not None else torch.zeros((), dtype=torch.int64)
+    if sd.device != device or sd.dtype != torch.int64 or sd.dim() != 1:
+        sd = sd.reshape(1).to(device=device, dtype=torch.int64)
+    return sd
+
+
+def _desc_like(template, base):
+    """``template`` (a TensorDescriptor planned for this call signature) over ``base``: the checks its constructor
+    makes were made when the plan was (the signature fixes shape, strides and alignment)."""
+    d = object.__new__(type(template))
+    d.__dict__.update(template.__dict__)
+    d.base = base
+    return d
+
+
+def tma_failure(e: Exception) -> None:
+    """A TMA launch failed to compile or encode: warn once, use pointer loads for the rest of the process, and drop
+    every plan (the pointer-load kernels compute the same)."""
+    global _tma_failed
+    _tma_failed = True
+    launch.invalidate()
+    warnings.warn(f"memattn: the TMA variant of the attention kernels failed ({type(e).__name__}: {e}); "
+                  "using pointer loads from now on", RuntimeWarning, stacklevel=4)
+
+
+class _Empty:
+    """The plan of a call with nothing to compute: no query rows or heads (empty outputs), or no keys (eager's
+    p @ v sums nothing: zeros, and row max -inf)."""
+
+    def __init__(self, out_shape, out_strides, stats_shape, dtype, device, no_keys: bool):
+        self.out_shape, self.out_strides, self.stats_shape = out_shape, out_strides, stats_shape
+        self.dtype, self.device, self.no_keys = dtype, device, no_keys
+
+    def __call__(self, *_tensors):
+        out = torch.empty_strided(self.out_shape, self.out_strides, dtype=self.dtype, device=self.device)
+        stats = torch.empty(self.stats_shape, dtype=torch.float32, device=self.device)
+        if self.no_keys:
+            return out.zero_(), stats.fill_(float("-inf"))
+        return out, stats
+
+
+class _Forward:
+    """A planned prefill forward: allocates out and stats and launches _attn_fwd (see plan_forward)."""
+
+    __slots__ = ("launch", "spec", "out_shape", "out_strides", "stats_shape", "dtype", "device", "dummy",
+                 "has_drop", "tma")
+
+    def __call__(self, q, k, v, bias, mask, seed):
+        out = torch.empty_strided(self.out_shape, self.out_strides, dtype=self.dtype, device=self.device)
+        stats = torch.empty(self.stats_shape, dtype=torch.float32, device=self.device)
+        d = self.dummy
+        b = d if bias is None else bias                 # the kernel reads bias and mask through their planned
+        mk = d if mask is None else mask.view(torch.uint8)   # strides: a broadcast view needs no expand
+        sd = _seed_arg(seed, self.device) if self.has_drop else d
+        if self.tma is None:
+            self.launch(q, k, v, b, mk, sd, out, stats, k, v)
+            return out, stats
+        try:
+            self.launch(q, k, v, b, mk, sd, out, stats, _desc_like(self.tma[0], k), _desc_like(self.tma[1], v))
+        except Exception as e:  # noqa: BLE001 - a TMA compile/encode failure: the pointer-load plan computes the same
+            tma_failure(e)
+            return plan_forward(q, k, v, bias, mask, seed, self.spec)(q, k, v, bias, mask, seed)
+        return out, stats
+
+
+def plan_forward(q, k, v, bias, mask, seed, spec: Spec):
+    """The prefill forward of one call signature, as a callable (q, k, v, bias, mask, seed) -> (out [Z, H, M, Dv]
+    in v.dtype and spec.out_layout, stats [2, Z, H, M] fp32: row max, log row sum). Everything but the tensors
+    is decided here, once: the kernel's flags, scalars and strides, TMA, the launch (bound after its first run)."""
     c = _common(q, k, v, bias, mask, seed, spec)
     z, h, m, n = c["z"], c["h"], c["m"], c["n"]
-    out = reference.empty_out(z, h, m, c["dv"], v.dtype, q.device, spec.out_layout)
-    stats = torch.empty((2, z, h, m), dtype=torch.float32, device=q.device)
-    if m == 0 or z * h == 0:
-        return out, stats
-    if n == 0:  # softmax over no keys: eager's p @ v sums nothing
-        return out.zero_(), stats.fill_(float("-inf"))
+    out_shape, out_strides = (z, h, m, c["dv"]), reference.out_strides(z, h, m, c["dv"], spec.out_layout)
+    stats_shape = (2, z, h, m)
+    if m == 0 or z * h == 0 or n == 0:
+        return _Empty(out_shape, out_strides, stats_shape, v.dtype, q.device, no_keys=m > 0 and z * h > 0)
     fixed = _fixed_config()
-    kwargs = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed),
-                  FUSE_SCALE=_fuse_scale(c),
-                  CAUSAL_LOOP=_causal_loop(max(c["flags"]["BLOCK_D"], c["flags"]["BLOCK_DV"])) if spec.causal else 0)
+    kd, vd, use_tma = tma_descs(k, v)
+    named = dict(**c["scal"], BUCKET_M=_bucket(m), BUCKET_N=_bucket(n), **c["flags"], **_even_all(c, fixed),
+                 FUSE_SCALE=_fuse_scale(c),
+                 CAUSAL_LOOP=_causal_loop(max(c["flags"]["BLOCK_D"], c["flags"]["BLOCK_DV"])) if spec.causal else 0,
+                 USE_TMA=use_tma, WARP_SPEC=use_tma and _warp_spec_wanted())
 
     def grid(meta):
         return (-(-m // meta["BLOCK_M"]), z * h)
+    args = (q, k, v, c["b4"], c["m4"], c["seed"], None, None, kd, vd,
+            *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out_strides,
+            h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
+    plan = _Forward()
+    plan.launch = kernel_launch(_attn_fwd_tuned, grid, args, named, n_tensors=10)
+    plan.spec, plan.out_shape, plan.out_strides, plan.stats_shape = spec, out_shape, out_strides, stats_shape
+    plan.dtype, plan.device, plan.dummy = v.dtype, q.device, q.new_empty(1)
+    plan.has_drop = c["flags"]["HAS_DROPOUT"]
+    plan.tma = (kd, vd) if use_tma else None
+    return plan
 
-    def launch(kdesc, vdesc, use_tma):
-        args = (q, k, v, c["b4"], c["m4"], c["seed"], out, stats, kdesc, vdesc,
-                *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *out.stride(),
-                h, m, n, c["d"], c["dv"], h // c["hkv"], z * h * m)
-        _launch(_attn_fwd_tuned, _attn_fwd, grid, args, dict(kwargs, USE_TMA=use_tma,
-                                                              WARP_SPEC=use_tma and _warp_spec_wanted()))
-    launch_with_tma_fallback(launch, k, v)
-    return out, stats
+
+def forward(q, k, v, bias, mask, seed, spec: Spec):
+    """One forward call, planned afresh (dispatch.py keeps plans by call signature); returns (out, stats)."""
+    return plan_forward(q, k, v, bias, mask, seed, spec)(q, k, v, bias, mask, seed)
 
 
-def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad: bool):
-    """Returns (dq, dk, dv, dbias or None), recomputing the probabilities blockwise from the stats."""
+class _Backward:
+    """A planned prefill backward: allocates the gradients and launches _attn_bwd_dq, then _attn_bwd_dkdv (see
+    plan_backward)."""
+
+    __slots__ = ("dq_launch", "dkdv_launch", "q_shape", "k_shape", "v_shape", "delta_shape", "dtype", "device",
+                 "dummy", "has_drop", "bias_grad", "bias_shape", "bias_dtype", "stats32")
+
+    def __call__(self, dout, q, k, v, out, stats, bias, mask, seed):
+        dev = self.device
+        dq = torch.empty(self.q_shape, dtype=self.dtype, device=dev)
+        dk = torch.empty(self.k_shape, dtype=self.dtype, device=dev)
+        dv = torch.empty(self.v_shape, dtype=self.dtype, device=dev)
+        delta = torch.empty(self.delta_shape, dtype=torch.float32, device=dev)
+        d = self.dummy
+        b = d if bias is None else bias
+        mk = d if mask is None else mask.view(torch.uint8)
+        sd = _seed_arg(seed, dev) if self.has_drop else d
+        if self.stats32:
+            stats = stats.to(torch.float32).contiguous()
+        # dq first: it sums the exact delta that the dk/dv kernel's ds (and dbias) needs (see the header)
+        self.dq_launch(q, k, v, b, mk, sd, dout, out, stats, delta, dq)
+        if self.bias_grad:
+            dbias32 = torch.zeros(self.bias_shape, dtype=torch.float32, device=dev)
+            self.dkdv_launch(q, k, v, b, mk, sd, dout, stats, delta, dk, dv, dbias32)
+            return dq, dk, dv, dbias32.to(self.bias_dtype)
+        self.dkdv_launch(q, k, v, b, mk, sd, dout, stats, delta, dk, dv, d)
+        return dq, dk, dv, None
+
+
+class _EmptyBackward:
+    """No rows, keys or heads: the gradients are zeros (and dbias too, when asked for)."""
+
+    def __init__(self, bias_grad: bool):
+        self.bias_grad = bias_grad
+
+    def __call__(self, dout, q, k, v, out, stats, bias, mask, seed):
+        dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=q.device) if self.bias_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+
+
+def plan_backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad: bool):
+    """The backward of one call signature, as a callable (dout, q, k, v, out, stats, bias, mask, seed) ->
+    (dq, dk, dv, dbias or None), recomputing the probabilities blockwise from the stats."""
     c = _common(q, k, v, bias, mask, seed, spec)
     z, h, m, n, hkv = c["z"], c["h"], c["m"], c["n"], c["hkv"]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
-    dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias_grad else None
-
-    def finish():
-        return dq, dk, dv, (dbias32.to(bias.dtype) if bias_grad else None)
     if m == 0 or n == 0 or z * h == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return finish()
+        return _EmptyBackward(bias_grad)
     fixed = _fixed_config()
-    stats = stats.to(torch.float32).contiguous()
-    delta = torch.empty((z, h, m), dtype=torch.float32, device=q.device)
-    common_kw = dict(**c["scal"], scale=float(spec.scale), BUCKET_M=_bucket(m), BUCKET_N=_bucket(n),
-                     **c["flags"], **_even_all(c, fixed), FUSE_SCALE=_fuse_scale(c))
-
-    # dq first: it sums the exact delta that the dk/dv kernel's ds (and dbias) needs (see the header)
-    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, out, stats, delta, dq,
+    stats32 = stats.dtype != torch.float32 or not stats.is_contiguous()   # the kernels read it contiguous
+    named = dict(**c["scal"], scale=float(spec.scale), BUCKET_M=_bucket(m), BUCKET_N=_bucket(n),
+                 **c["flags"], **_even_all(c, fixed), FUSE_SCALE=_fuse_scale(c))
+    dq_strides, dk_strides, dv_strides = (_contiguous_strides(t.shape) for t in (q, k, v))
+    dq_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, out, stats, None, None,
                *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
-               *out.stride(), *dq.stride(), h, m, n, c["d"], c["dv"], h // hkv, z * h * m)
+               *out.stride(), *dq_strides, h, m, n, c["d"], c["dv"], h // hkv, z * h * m)
 
     def grid_q(meta):
         return (-(-m // meta["BLOCK_M"]), z * h)
-    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, dq_args, common_kw)
 
     if bias_grad:
-        db4 = dbias32.expand(z, h, m, n)
-        db_strides = db4.stride()
+        db_strides = torch.empty(bias.shape, device="meta").expand(z, h, m, n).stride()  # dbias32's, broadcast
         db_sum = dict(HAS_DBIAS=True, DB_SUM_M=db_strides[2] == 0 and m > 1, DB_SUM_N=db_strides[3] == 0 and n > 1)
-        db_buf = dbias32
     else:
         db_strides = (0, 0, 0, 0)
         db_sum = dict(HAS_DBIAS=False, DB_SUM_M=False, DB_SUM_N=False)
-        db_buf = torch.zeros(1, dtype=torch.float32, device=q.device)
-    dkdv_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, stats, delta, dk, dv, db_buf,
+    dkdv_args = (q, k, v, c["b4"], c["m4"], c["seed"], dout, stats, None, None, None, None,
                  *q.stride(), *k.stride(), *v.stride(), *c["b_strides"], *c["m_strides"], *dout.stride(),
-                 *dk.stride(), *dv.stride(), *db_strides,
+                 *dk_strides, *dv_strides, *db_strides,
                  h, hkv, m, n, c["d"], c["dv"], h // hkv, z * h * m)
 
     def grid_kv(meta):
         return (-(-n // meta["BLOCK_N"]), z * hkv)
-    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, dkdv_args, dict(**common_kw, **db_sum))
-    return finish()
+    plan = _Backward()
+    plan.dq_launch = kernel_launch(_attn_bwd_dq_tuned, grid_q, dq_args, named, n_tensors=11)
+    plan.dkdv_launch = kernel_launch(_attn_bwd_dkdv_tuned, grid_kv, dkdv_args, dict(**named, **db_sum),
+                                     n_tensors=12)
+    plan.q_shape, plan.k_shape, plan.v_shape, plan.delta_shape = q.shape, k.shape, v.shape, (z, h, m)
+    plan.dtype, plan.device, plan.dummy = q.dtype, q.device, q.new_empty(1)
+    plan.has_drop, plan.bias_grad, plan.stats32 = c["flags"]["HAS_DROPOUT"], bias_grad, stats32
+    plan.bias_shape = bias.shape if bias is not None else None
+    plan.bias_dtype = bias.dtype if bias is not None else None
+    return plan
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def backward(dout, q, k, v, out, stats, bias, mask, seed, spec: Spec, bias_grad: bool):
+    """One backward call, planned afresh (dispatch.py keeps plans by call signature): (dq, dk, dv, dbias or
+    None)."""
+    return plan_backward(dout, q, k, v, out, stats, bias, mask, seed, spec, bias_grad)(dout, q, k, v, out, stats,
+                                                                                      bias, mask, seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attn_compiler  # noqa: F401  (registers the ops)
-from attn_compiler.codegen import reference
+from attn_compiler.codegen import launch, reference
 
 # (atol, error multiple): compiled error vs the fp64 truth may be at most MULT x eager's error in the same dtype,
 # plus ATOL (eager can be exact on tiny inputs, which would make a pure ratio meaningless).
@@ -26,8 +26,10 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(monkeypatch):
-    """Every test compiles from scratch, with reference tiles small enough that short sequences cross tiles."""
+    """Every test compiles and plans from scratch (no plan of an earlier test's call signatures, made under its
+    monkeypatches, is reused), with reference tiles small enough that short sequences cross tiles."""
     torch._dynamo.reset()
+    launch.invalidate()
     monkeypatch.setattr(reference, "BLOCK_M", 16)
     monkeypatch.setattr(reference, "BLOCK_N", 16)
     yield

@@ -287,8 +287,9 @@ def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeyp
 
     from attn_compiler.codegen import dispatch
 
-    broken = types.SimpleNamespace(supports=lambda *a: (True, ""),
-                                   forward=lambda *a: (_ for _ in ()).throw(RuntimeError("injected compile error")))
+    def plan_forward(*_args):   # the launch fails, as a kernel that does not compile does
+        return lambda *t: (_ for _ in ()).throw(RuntimeError("injected compile error"))
+    broken = types.SimpleNamespace(supports=lambda *a: (True, ""), plan_forward=plan_forward)
     monkeypatch.setattr(dispatch, "_triton_module", lambda name: broken)
     monkeypatch.setattr(dispatch, "_wants_triton", lambda q, kernel: True)
     monkeypatch.setattr(dispatch, "fallbacks", {})
@@ -322,11 +323,13 @@ def test_kernels_launch_under_their_tensors_device(monkeypatch):
         entered.append(q.device)
         yield
     monkeypatch.setattr(dispatch, "device_guard", guard)
-    mod = types.SimpleNamespace(supports=lambda *a: (True, ""), forward=lambda *a: ("kernel", entered[-1]))
+    mod = types.SimpleNamespace(supports=lambda *a: (True, ""),
+                                plan_forward=lambda *a: (lambda *t: ("kernel", entered[-1])))
     monkeypatch.setattr(dispatch, "_triton_module", lambda name: mod)
     monkeypatch.setattr(dispatch, "_wants_triton", lambda q, kernel: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the process sits on GPU 0, the layer on GPU 1
     q = types.SimpleNamespace(device=torch.device("cuda", 1), is_cuda=True, shape=(1, 2, 64, 16))
-    spec = types.SimpleNamespace(dropout_p=0.0)
+    spec = types.SimpleNamespace(dropout_p=0.0, out_layout=0)
     assert dispatch.forward(q, q, q, None, None, None, spec, "triton") == ("kernel", torch.device("cuda", 1))
     monkeypatch.undo()  # the real guard: CUDA tensors enter their device (not entered here), others nothing
     assert dispatch.device_guard(q).idx == 1

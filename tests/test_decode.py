@@ -263,8 +263,8 @@ def test_kernel_dispatch_routes_by_query_length(monkeypatch):
     from attn_compiler.codegen import triton_decode, triton_prefill
     calls = []
     for mod, name in ((triton_decode, "decode"), (triton_prefill, "prefill")):
-        real = mod.forward
-        monkeypatch.setattr(mod, "forward", lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+        real = mod.plan_forward
+        monkeypatch.setattr(mod, "plan_forward", lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     k = torch.randn(1, 2, 20, 16, device=DEV)
     with triton_prefill.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
         for m, p in ((1, 0.0), (16, 0.0), (17, 0.0), (1, 0.5)):

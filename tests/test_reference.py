@@ -230,14 +230,14 @@ def test_double_backward_is_a_clear_error():
 
 def test_device_calls_skip_the_second_dispatch_and_nothing_else_does(monkeypatch):
     """Below autograd the op calls its implementation directly only when the next dispatch key is the tensors'
-    device (ops._below_autograd): a plain call, with or without grad, reaches dispatch.forward; fake tensors and
+    device (ops._below_autograd): a plain call, with or without grad, reaches dispatch.attention; fake tensors and
     make_fx tracing (real or symbolic) must reach the fake instead, never the implementation."""
     import attn_compiler.ops as ops
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     calls = []
-    real = ops.dispatch.forward
-    monkeypatch.setattr(ops.dispatch, "forward", lambda *a: calls.append(1) or real(*a))
+    real = ops.dispatch.attention
+    monkeypatch.setattr(ops.dispatch, "attention", lambda *a: calls.append(1) or real(*a))
 
     def f(q, k, v):
         return torch.ops.memattn.attention(q, k, v, None, None, None, 0.5, 0.0, True, 0, float("-inf"), True, 0.0,
