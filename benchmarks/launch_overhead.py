@@ -6,18 +6,18 @@ launch go, against SDPA's host time on the same shapes.
 
 A short call is bound by the host when its launch path takes longer than its kernel: the GPU then waits on Python.
 Each row times back-to-back calls of one entry point with no synchronisation between them (5 rounds of --calls / 5,
-the median round kept), on shapes so small that the GPU always keeps up, so the time per call is the host's. The
-entry points, outermost first:
+the median round kept), on shapes so small that the GPU always keeps up, so the time per call is the host's. Kinds:
+prefill and decode forwards, the prefill backward, and "train" (forward and backward through autograd, against
+SDPA's). The entry points, outermost first:
     op+autograd   torch.ops.memattn.attention with q, k, v requiring grad (dispatcher, autograd node, op)
-    op            the same under torch.no_grad (no autograd node)
-    dispatch      attn_compiler.codegen.dispatch.forward (the routing: kernel choice, support check, device guard)
-    module        triton_prefill.forward / triton_decode.forward (argument preparation and the launches)
-    launch_tuned  prefill only: the forward kernel's launch as module makes it (triton_prefill.launch_tuned: a
-                  tuned key's remembered pick, its pre-hook, the kernel's Triton launch)
-    direct        prefill only: the same kernel's Triton launch alone, the pre-hook's arguments made beforehand
+    op            the op under torch.no_grad (no autograd node); the backward op for kind "backward"
+    dispatch      codegen/dispatch.attention (attention_backward): the call signature's plan looked up
+    plan          the signature's plan itself: outputs allocated, its kernel launches run
+    launches      the plan's kernel launches alone (codegen/launch.Launch: the binding checked, then the launcher)
+    kernel.run    the bound launchers alone (the compiled kernels' own launch, the floor of the Python path)
 Each memattn row's "own" time is its time less the next row's: what that layer adds. Rows outside that chain, for
-comparison: "via autotuner" (the same launch through Triton's autotuner, which launch_tuned skips once a key is
-tuned) and SDPA's (flash / cuDNN / the default choice), the baseline a user compares with. Prints a table; writes
+comparison: "via triton" (the same launches through Triton's JIT and autotuner, which a bound Launch skips) and
+SDPA's (flash / cuDNN / the default choice), the baseline a user compares with. Prints a table; writes
 launch_overhead.csv into --out.
 """
 from __future__ import annotations
@@ -34,8 +34,10 @@ import torch.nn.functional as F
 
 from common import write_csv
 
-ASIDE = ("sdpa", "via autotuner")  # rows for comparison, outside the chain of layers
-SHAPES = {"prefill": dict(z=1, h=4, hkv=4, m=128, n=128, d=64), "decode": dict(z=1, h=32, hkv=8, m=1, n=4096, d=128)}
+ASIDE = ("sdpa", "via triton")  # rows for comparison, outside the chain of layers
+PREFILL = dict(z=1, h=4, hkv=4, m=128, n=128, d=64)
+SHAPES = {"prefill": PREFILL, "backward": PREFILL, "train": PREFILL,
+          "decode": dict(z=1, h=32, hkv=8, m=1, n=4096, d=128)}
 
 
 def host_us(fn, calls: int, rounds: int = 5) -> float:
@@ -64,76 +66,104 @@ def _args(shape):
     return q, k, v
 
 
+def _op_args(kind, q):
+    """The op's arguments after (q, k, v): no bias, mask or dropout; causal for the prefill kinds."""
+    return (None, None, None, q.shape[-1] ** -0.5, 0.0, kind != "decode", 0, float("-inf"), True, 0.0, False,
+            "triton")
+
+
 def entry_points(kind, q, k, v):
     """(name, zero-argument callable) for each layer, outermost first."""
     import attn_compiler.ops  # noqa: F401  registers torch.ops.memattn.attention
     from attn_compiler.codegen import dispatch
-    from attn_compiler.codegen import triton_decode as td
-    from attn_compiler.codegen import triton_prefill as tp
     from attn_compiler.codegen.reference import Spec
-    scale = q.shape[-1] ** -0.5
-    causal = kind == "prefill"
-    spec = Spec(scale, 0.0, causal, 0, float("-inf"), True, 0.0, False, 0)
+    rest = _op_args(kind, q)
+    spec = Spec(*rest[3:11])
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    op = torch.ops.memattn.attention
+    op = torch.ops.memattn.attention.default
+    if kind == "train":
+        dout = torch.randn_like(q)
 
-    def call_op(a, b, c):
-        return op(a, b, c, None, None, None, scale, 0.0, causal, 0, float("-inf"), True, 0.0, False, "triton")
+        def step():
+            out, _ = op(qg, kg, vg, *rest)
+            out.backward(dout)
+            qg.grad = kg.grad = vg.grad = None
+        return [("op fwd+bwd", step)]
+    if kind == "backward":
+        out, stats = op(q, k, v, *rest)
+        dout = torch.randn_like(out)
+        brest = (*rest, False)
+        bop = torch.ops.memattn.attention_backward.default
+        tensors = (dout, q, k, v, out, stats, None, None, None)
 
-    module = tp if kind == "prefill" else td
-    points = [("op+autograd", lambda: call_op(qg, kg, vg))]
+        def no_grad_bop():
+            with torch.no_grad():
+                return bop(*tensors, *brest[3:])
+        plan = dispatch.plan_backward(*tensors, spec, "triton", False)
+        points = [("op", no_grad_bop), ("dispatch", lambda: dispatch.attention_backward(*tensors, *brest[3:]))]
+    else:
+        def no_grad_op():
+            with torch.no_grad():
+                return op(q, k, v, *rest)
+        tensors = (q, k, v, None, None, None)
+        plan = dispatch.plan_forward(*tensors, spec, "triton")
+        points = [("op+autograd", lambda: op(qg, kg, vg, *rest)), ("op", no_grad_op),
+                  ("dispatch", lambda: dispatch.attention(q, k, v, *rest, 0))]
+    points.append(("plan", lambda: plan(*tensors)))
+    return points + _launch_points(plan, tensors)
 
-    def no_grad_op():
-        with torch.no_grad():
-            return call_op(q, k, v)
-    points.append(("op", no_grad_op))
-    points.append(("dispatch", lambda: dispatch.forward(q, k, v, None, None, None, spec, "triton")))
 
-    def in_module():
-        with dispatch.device_guard(q):
-            return module.forward(q, k, v, None, None, None, spec)
-    points.append(("module", in_module))
-    if kind == "prefill":
-        points += _kernel_points(tp, in_module)
+def _launch_points(plan, tensors):
+    """The plan's kernel launches with the tensors one call gave them: through each Launch, through the bound
+    launchers alone, and through Triton's own path."""
+    from attn_compiler.codegen import launch
+    inner = getattr(plan, "inner", None)
+    names = [n for n in getattr(type(inner), "__slots__", ()) if isinstance(getattr(inner, n, None), launch.Launch)]
+    if not names:
+        return []
+    seen, reals = [], {n: getattr(inner, n) for n in names}
+
+    def recorder(real):
+        def run(*ts):
+            seen.append((real, ts))
+            return real(*ts)
+        return run
+    plan(*tensors)   # binds
+    for name, real in reals.items():
+        setattr(inner, name, recorder(real))
+    try:
+        plan(*tensors)
+    finally:
+        for name, real in reals.items():
+            setattr(inner, name, real)
+    points = [("launches", lambda: [real(*ts) for real, ts in seen])]
+    if all(real.bound for real, _ in seen):
+        bound = [(real._bound, ts) for real, ts in seen]
+        points.append(("kernel.run", lambda: [b(ts) for b, ts in bound]))
+    points.append(("via triton", lambda: [real._through_triton(ts) for real, ts in seen]))
     return points
 
 
-def _kernel_points(tp, in_module):
-    """The forward kernel's launch as the module last made it: through launch_tuned, direct with its pick, and
-    through Triton's autotuner."""
-    seen = []
-    real = tp._launch
-
-    def record(tuned, raw, grid_fn, args, kwargs):
-        seen.append((tuned, raw, grid_fn, args, kwargs))
-        return real(tuned, raw, grid_fn, args, kwargs)
-    tp._launch = record
-    try:
-        in_module()
-    finally:
-        tp._launch = real
-    tuned, raw, grid_fn, args, kwargs = seen[-1]
-    cfg = tuned.best_config
-    meta = {**kwargs, **cfg.all_kwargs()}
-    full = {**dict(zip(raw.arg_names, args)), **meta}
-
-    def direct():
-        if cfg.pre_hook is not None:
-            cfg.pre_hook(full)
-        raw[grid_fn(meta)](*args, **meta)
-    return [("launch_tuned", lambda: tp.launch_tuned(tuned, grid_fn, args, kwargs)), ("direct", direct),
-            ("via autotuner", lambda: tuned[grid_fn](*args, **kwargs))]
-
-
-def sdpa_points(q, k, v, causal):
+def sdpa_points(kind, q, k, v):
+    """SDPA's rows for a kind: its forward (prefill, decode) or its forward and backward through autograd (train),
+    under its default choice and forced to flash and to cuDNN; none for the backward alone."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if kind == "backward":
+        return []
     gqa = q.shape[1] != k.shape[1]
+    causal = kind != "decode"
+    if kind == "train":
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        dout = torch.randn_like(q)
     points = []
     for name, backends in (("sdpa", None), ("sdpa flash", [SDPBackend.FLASH_ATTENTION]),
                            ("sdpa cudnn", [SDPBackend.CUDNN_ATTENTION])):
         def run(backends=backends):
             with (sdpa_kernel(backends) if backends else contextlib.nullcontext()):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                if kind == "train":
+                    out.backward(dout)
+                    q.grad = k.grad = v.grad = None
         try:
             run()
         except RuntimeError:  # that backend does not take this shape (e.g. flash with GQA on some builds)
@@ -170,7 +200,7 @@ def main(argv=None):
     rows = []
     for kind in a.kinds:
         q, k, v = _args(SHAPES[kind])
-        points = entry_points(kind, q, k, v) + sdpa_points(q, k, v, kind == "prefill")
+        points = entry_points(kind, q, k, v) + sdpa_points(kind, q, k, v)
         times = [(name, host_us(fn, a.calls)) for name, fn in points]
         for name, us, layer in own_times(times):
             rows.append(dict(kind=kind, entry=name, host_us=us, layer_us=layer, **SHAPES[kind]))

@@ -49,9 +49,26 @@ def invalidate() -> None:
     _generation[0] += 1
 
 
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _stream_getter():
+    """device index -> the raw handle of its current CUDA stream (what Triton's own launch passes)."""
+    return torch._C._cuda_getCurrentRawStream
+
+
+def _hook_set(hook) -> bool:
+    # Triton 3.4+ keeps each hook as a HookChain (always there, empty unless something was added), older ones as
+    # None or a callable
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else True
+
+
 def _hooks_installed() -> bool:
-    return _RUNTIME is not None and (_RUNTIME.launch_enter_hook is not None
-                                     or _RUNTIME.launch_exit_hook is not None)
+    return _RUNTIME is not None and (_hook_set(_RUNTIME.launch_enter_hook) or _hook_set(_RUNTIME.launch_exit_hook))
 
 
 class Launch:
@@ -121,7 +138,7 @@ class Launch:
             return
         g0, g1, g2 = (tuple(self.grid(meta)) + (1, 1))[:3]
         run, function, packed = kernel.run, kernel.function, kernel.packed_metadata
-        device, stream_of = torch.cuda.current_device(), torch._C._cuda_getCurrentRawStream
+        device, stream_of = _current_device(), _stream_getter()
 
         def bound(tensors):
             run(g0, g1, g2, stream_of(device), function, packed, None, None, None, *tensors, *tail)
@@ -132,6 +149,7 @@ class Launch:
 
     def _drop(self, e: Exception) -> None:
         self._bound = None
+        self.bindable = False   # binding again would fail the same way on every call
         stats["bound_failures"] += 1
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if reason not in _warned:

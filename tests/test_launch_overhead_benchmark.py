@@ -21,18 +21,20 @@ def test_every_layer_timed(tmp_path):
     assert launch_overhead.main(["--calls", "50", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "launch_overhead.csv")))
     got = {(r["kind"], r["entry"]) for r in rows}
-    for entry in ("op+autograd", "op", "dispatch", "module"):
-        assert ("prefill", entry) in got and ("decode", entry) in got
-    for entry in ("launch_tuned", "direct", "via autotuner", "sdpa"):
-        assert ("prefill", entry) in got
+    for kind in ("prefill", "decode"):
+        for entry in ("op+autograd", "op", "dispatch", "plan", "launches", "kernel.run", "via triton", "sdpa"):
+            assert (kind, entry) in got, (kind, entry)
+    for entry in ("op", "dispatch", "plan", "launches", "kernel.run"):
+        assert ("backward", entry) in got, entry
+    assert ("train", "op fwd+bwd") in got and ("train", "sdpa") in got
     assert all(float(r["host_us"]) > 0 for r in rows)
 
 
 def test_own_time_is_the_chain_step():
     """Each layer's own time is its time less the next layer's; the innermost layer and the rows set aside for
     comparison (Triton's autotuner path, SDPA) have none, wherever they sit in the table."""
-    rows = launch_overhead.own_times([("op", 100.0), ("module", 60.0), ("via autotuner", 50.0), ("direct", 20.0),
+    rows = launch_overhead.own_times([("op", 100.0), ("plan", 60.0), ("via triton", 50.0), ("kernel.run", 20.0),
                                       ("sdpa", 10.0)])
     own = {name: layer for name, _, layer in rows}
-    assert own["op"] == 40.0 and own["module"] == 40.0
-    assert all(own[n] != own[n] for n in ("direct", "via autotuner", "sdpa"))   # nan
+    assert own["op"] == 40.0 and own["plan"] == 40.0
+    assert all(own[n] != own[n] for n in ("kernel.run", "via triton", "sdpa"))   # nan

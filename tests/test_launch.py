@@ -1,0 +1,187 @@
+"""codegen/launch.py and dispatch's plans: a call signature is planned once and each of its launches bound once;
+a new signature plans and binds again; a stale binding tunes again; a failing one falls back with one warning.
+
+CUDA-free: the Triton side is a fake autotuner whose launches return a fake compiled kernel recording what its
+launcher was given (what launch.Launch binds to on a GPU), and the stream getter is stubbed."""
+import warnings
+
+import pytest
+import torch
+import triton
+
+import attn_compiler.ops  # noqa: F401  registers torch.ops.memattn.attention
+from attn_compiler.codegen import dispatch, launch, reference
+
+
+class Compiled:
+    """A compiled kernel: its launcher records (grid, stream, arguments); ``fail`` makes it raise."""
+
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.runs, self.fail = [], False
+
+    def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
+        if self.fail:
+            raise RuntimeError("launcher refused")
+        assert (function, packed, meta, enter, exit_) == ("function", "packed", None, None, None)
+        self.runs.append(((g0, g1, g2), stream, args))
+
+
+class Tuned:
+    """An autotuner: ``configs``, its raw kernel ``fn`` (whose parameter names the binding reads) and ``cache``."""
+
+    def __init__(self, compiled):
+        self.configs = [triton.Config({"BLOCK": 32}, num_warps=4)]
+        self.fn = type("Raw", (), {"arg_names": ["x", "y", "stride", "n", "BLOCK", "num_warps"]})()
+        self.cache = {}
+        self.compiled, self.through_triton = compiled, []
+
+    def launch(self, tuned, grid, args, named):  # launch_tuned's contract: (compiled kernel, the config it ran)
+        assert tuned is self
+        self.through_triton.append(args)
+        pick = self.cache.setdefault(("key",), self.configs[0])
+        return self.compiled, pick
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_stream_getter", lambda: (lambda device: 1234))
+    monkeypatch.setattr(launch, "_hooks_installed", lambda: False)
+    launch.stats.update(binds=0, bound_failures=0, plans=0)
+    launch._warned.clear()
+
+
+def _launch(tuned):
+    return launch.Launch(tuned, lambda meta: (-(-100 // meta["BLOCK"]), 3), (8,), {"n": 100},
+                         tuned_launch=tuned.launch)
+
+
+def test_triton_s_default_hooks_are_not_installed_hooks():
+    """Triton keeps empty HookChains for its launch hooks: only a hook added to them sends launches back through
+    Triton's path (which calls them)."""
+    from triton import knobs
+    assert not launch._hooks_installed()
+    hook = knobs.runtime.launch_enter_hook
+    if not hasattr(hook, "add"):
+        pytest.skip("this Triton keeps launch hooks as plain callables")
+    hook.add(print)
+    try:
+        assert launch._hooks_installed()
+    finally:
+        hook.remove(print)
+    assert not launch._hooks_installed()
+
+
+def test_a_launch_binds_once_then_calls_the_launcher_with_the_tensors(fake_cuda):
+    compiled = Compiled()
+    tuned = Tuned(compiled)
+    lnch = _launch(tuned)
+    x, y = torch.zeros(2), torch.ones(2)
+    for _ in range(4):
+        lnch(x, y)
+    assert len(tuned.through_triton) == 1 and launch.stats["binds"] == 1 and lnch.bound
+    assert len(compiled.runs) == 3
+    grid, stream, args = compiled.runs[-1]
+    # the grid from the pick's BLOCK; the tensors, the positional scalars, then the named ones and the pick's, in
+    # the kernel's parameter order (constexprs too: the launcher skips them)
+    assert grid == (4, 3, 1) and stream == 1234
+    assert args[0] is x and args[1] is y and args[2:] == (8, 100, 32, 4)
+
+
+def test_a_forgotten_pick_tunes_again_and_binds_again(fake_cuda):
+    tuned = Tuned(Compiled())
+    lnch = _launch(tuned)
+    x = torch.zeros(2)
+    lnch(x, x)
+    lnch(x, x)
+    tuned.cache.clear()   # what a test or tune_afresh does to an autotuner: the binding's pick is stale
+    lnch(x, x)
+    lnch(x, x)
+    assert len(tuned.through_triton) == 2 and launch.stats["binds"] == 2
+
+
+def test_a_failing_bound_launch_warns_once_and_goes_through_triton(fake_cuda):
+    compiled = Compiled()
+    tuned = Tuned(compiled)
+    lnch, other = _launch(tuned), _launch(tuned)
+    x = torch.zeros(2)
+    lnch(x, x)
+    other(x, x)
+    compiled.fail = True
+    with pytest.warns(RuntimeWarning, match="bound kernel launch failed.*launcher refused") as caught:
+        for _ in range(3):
+            lnch(x, x)
+            other(x, x)
+    assert len([w for w in caught if "bound kernel launch" in str(w.message)]) == 1
+    # each Launch fell back once and stays on Triton's path (no bind, no exception per call)
+    assert launch.stats["bound_failures"] == 2 and not lnch.bound and not other.bound
+    assert len(tuned.through_triton) == 2 + 3 * 2
+
+
+def test_an_unbindable_launch_always_goes_through_triton(fake_cuda):
+    """The interpreter has no compiled kernel: every run is Triton's (the plan still saves the rest)."""
+    tuned = Tuned(Compiled())
+    lnch = launch.Launch(tuned, lambda meta: (1,), (8,), {"n": 1}, tuned_launch=tuned.launch, bindable=False)
+    for _ in range(3):
+        lnch(torch.zeros(1), torch.zeros(1))
+    assert len(tuned.through_triton) == 3 and launch.stats["binds"] == 0
+
+
+# --- through the op: one plan per call signature -------------------------------------------------------------------
+
+class _Plan:
+    def __init__(self, lnch):
+        self.lnch = lnch
+
+    def __call__(self, q, k, v, bias, mask, seed):
+        self.lnch(q, k)
+        return reference.attention_forward(q, k, v, bias, mask, seed, _SPEC)
+
+
+_SPEC = reference.Spec(0.25, 0.0, False, 0, float("-inf"), True, 0.0, False, 0)
+
+
+def test_the_op_plans_and_binds_once_per_call_signature(fake_cuda, monkeypatch):
+    compiled = Compiled()
+    tuned = Tuned(compiled)
+    planned = []
+
+    def plan_forward(q, k, v, bias, mask, seed, spec):
+        planned.append(tuple(q.shape))
+        return _Plan(_launch(tuned))
+    mod = type("Module", (), {"supports": staticmethod(lambda *a: (True, "")),
+                              "plan_forward": staticmethod(plan_forward)})
+    monkeypatch.setattr(dispatch, "_triton_module", lambda name: mod)
+    monkeypatch.setattr(dispatch, "_wants_triton", lambda q, kernel: True)
+
+    def call(m):
+        q = torch.randn(1, 2, m, 16)
+        k = torch.randn(1, 2, 32, 16)
+        return torch.ops.memattn.attention(q, k, k, None, None, None, 0.25, 0.0, False, 0, float("-inf"), True,
+                                           0.0, False, "triton")
+    for _ in range(3):
+        call(20)
+    assert planned == [(1, 2, 20, 16)] and launch.stats == dict(binds=1, bound_failures=0, plans=1)
+    call(24)      # a new shape: a new signature, planned and bound again
+    call(24)
+    call(20)      # the first signature's plan is still kept
+    assert planned == [(1, 2, 20, 16), (1, 2, 24, 16)]
+    assert launch.stats["binds"] == 2 and launch.stats["plans"] == 2 and len(compiled.runs) == 4
+    launch.invalidate()   # what force_config or a TMA failure does: every signature plans again
+    call(20)
+    assert len(planned) == 3
+
+
+def test_the_reference_is_planned_once_per_signature_too():
+    before = launch.stats["plans"]
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    args = (None, None, None, 0.25, 0.0, True, 0, float("-inf"), True, 0.0, False, "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = [torch.ops.memattn.attention(q, q, q, *args)[0] for _ in range(3)]
+    assert launch.stats["plans"] == before + 1
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    torch.ops.memattn.attention(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, *args)   # new strides
+    assert launch.stats["plans"] == before + 2
