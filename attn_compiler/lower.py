@@ -117,7 +117,7 @@ def carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     for key, value in src.meta.items():
         dst.meta.setdefault(key, value)
     if hasattr(src, "_param_name_to_source"):
-        dst._param_name_to_source = src._param_name_to_source
+        dst._param_name_to_source = _with_constants(src._param_name_to_source, dst)
     for a, b in zip(old, new):
         for attr in _PLACEHOLDER_ATTRS:
             if hasattr(a, attr):
@@ -125,6 +125,17 @@ def carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         for key in _PLACEHOLDER_META:
             if key in a.meta:
                 b.meta[key] = a.meta[key]
+
+
+def _with_constants(sources: dict, dst: fx.GraphModule) -> dict:
+    """Dynamo's parameter-to-source map, plus a source for each tensor constant the retrace lifted into a buffer
+    (a ``torch.tensor(...)`` in the model's forward, as HF's LLaMA has): AOTAutograd wants a source for every
+    parameter and buffer of a Dynamo graph."""
+    from torch._dynamo.source import ConstantSource
+    extra = {name: ConstantSource(f"memattn_lifted_{name}")
+             for name, _ in (*dst.named_parameters(remove_duplicate=False), *dst.named_buffers(remove_duplicate=False))
+             if name not in sources}
+    return {**sources, **extra} if extra else sources
 
 
 def _is_dropout(fn) -> bool:

@@ -211,7 +211,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     counters["rewritten"] += len(report.rewritten)
     counters["left"] += len(report.left)
     _reports.append(report)
-    compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
+    try:
+        compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
+    except Exception as e:  # Inductor or the recompute partition failed: the graph still runs, op by op
+        greport.inner_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"memattn: compiling graph {graph_index} failed and it runs op by op (inner=\"eager\", no "
+                      f"recompute plan): {greport.inner_error}", RuntimeWarning, stacklevel=2)
+        log.debug("memattn inner compile failure:\n%s", traceback.format_exc(limit=8))
+        greport.plan = None   # the graph runs as traced: no recompute plan applies (its tags are inert eagerly)
+        return compiled_gm, report
     if outcome is not None and outcome.mismatch:
         outcome, compiled = _replan(compiled_gm, example_inputs, opts, outcome, compiled, mem_after, model)
         greport.plan = outcome

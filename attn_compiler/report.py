@@ -21,6 +21,7 @@ class GraphReport:
     after: str               # and after
     sites: list
     error: Optional[str] = None   # set when the pass failed and the graph ran unchanged
+    inner_error: Optional[str] = None   # set when the inner compile (Inductor, a recompute plan) failed
     memory_before: object = None  # analysis.Memory of the lowered graph before the rewrite (None: not analysed)
     memory_after: object = None   # and after
     plan: object = None           # plan.Outcome when a memory_budget was given
@@ -202,6 +203,8 @@ class Report:
         for g in self.graphs:
             if g.error:
                 parts.append(f"graph {g.index}: the pass failed and the graph runs unchanged: {g.error}")
+            if g.inner_error:
+                parts.append(f"graph {g.index}: compiling it failed and it runs op by op: {g.inner_error}")
         d = self.diff()
         if d:
             parts.append(d)

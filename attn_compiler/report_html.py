@@ -242,6 +242,8 @@ def _graph_section(g) -> str:
     svg, note = plot_svg(g)
     err = (f"<p class='error'>The pass failed on this graph and it runs unchanged: {esc(g.error)}</p>"
            if g.error else "")
+    if g.inner_error:
+        err += f"<p class='error'>Compiling this graph failed and it runs op by op: {esc(g.inner_error)}</p>"
     formulas = ""
     if b is not None or a is not None:
         formulas = ("<details><summary>peak formulas</summary><table class='kv'>"

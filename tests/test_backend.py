@@ -280,6 +280,28 @@ def test_pass_failure_runs_the_graph_unchanged(monkeypatch):
     assert "injected" in attn_compiler.last_report().graphs[0].error
 
 
+def test_inner_compile_failure_runs_the_rewritten_graph_op_by_op(monkeypatch):
+    """Inductor raising on the rewritten graph does not take the step down: one warning, the rewritten graph runs
+    eagerly (attention still through the op), the report says why, and gradients still flow."""
+    import torch._inductor.compile_fx as cfx
+
+    def boom(*a, **k):
+        raise RuntimeError("injected inductor failure")
+    monkeypatch.setattr(cfx, "compile_fx", boom)
+    q, k, v = qkv(grad=True)
+    with pytest.warns(RuntimeWarning, match="runs op by op.*injected inductor failure") as caught:
+        out = torch.compile(scaled.div_scores, backend="memattn", options={"inner": "inductor"})(q, k, v)
+    assert len([w for w in caught if "memattn" in str(w.message)]) == 1
+    out.sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    scaled.div_scores(*ref).sum().backward()
+    torch.testing.assert_close(out, scaled.div_scores(*ref))
+    torch.testing.assert_close(q.grad, ref[0].grad)
+    report = attn_compiler.last_report()
+    assert "injected inductor failure" in report.graphs[0].inner_error and len(report.rewritten) == 1
+    assert "runs op by op" in str(report)
+
+
 def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeypatch):
     """An injected Triton failure: the call still returns eager's result via the reference, warns once, and the
     report lists the fallback."""

@@ -14,6 +14,7 @@ Family notes (what each one exercises):
 from __future__ import annotations
 
 import inspect
+import warnings
 import math
 
 import pytest
@@ -502,3 +503,17 @@ def test_static_inputs_survive_the_rewrite(monkeypatch):
     # wqkv, wo and the four buffers: six static inputs, x and input_pos not
     assert len(static["inductor"]) == 6 and static["memattn"] == static["inductor"], static
     assert [s.status for s in attn_compiler.reports()[before].sites] == ["rewritten"]
+
+
+def test_llama_trains_with_inductor_as_the_inner_compiler():
+    """HF's LLaMA makes a tensor constant in its forward (lifted into a buffer of the lowered graph, which Dynamo
+    has no source for): AOTAutograd under Inductor needs one for every buffer, so the lowered graph carries a
+    source for it too. Outputs and gradients match eager's, and every attention is rewritten."""
+    pytest.importorskip("transformers")
+    *spec, extra = FAMILIES["llama"]
+    model = Logits(_build(*spec), extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # no fallback of any kind
+        report = check_model(model, _inputs(extra), torch.float32, options={"inner": "inductor"})
+    assert len(report.rewritten) == attention_modules(model.hf) and not report.left
+    assert all(g.inner_error is None for g in report.graphs)
