@@ -7,7 +7,7 @@ import re
 from typing import Any, Optional, Union
 
 KERNELS = ("auto", "triton", "reference")
-INNERS = ("eager", "inductor")
+INNERS = ("auto", "eager", "inductor")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ALLOWED = ("memory_budget", "report", "kernels", "inner", "mode")
 
@@ -21,8 +21,17 @@ class Options:
     memory_budget: Union[None, int, float] = None   # bytes (int) or a fraction of the device's memory (float)
     report: Union[bool, str] = False
     kernels: str = "auto"
-    inner: str = "eager"
+    inner: str = "auto"
     mode: Optional[str] = None
+
+    def inner_for(self, example_inputs) -> str:
+        """The inner compiler of one graph: "auto" is Inductor for a graph on a CUDA device (its fused kernels
+        and low host time per op beat running the aten ops one Python call at a time) and eager elsewhere (on a
+        CPU the rewritten graph runs as fast op by op, without Inductor's C++ compile)."""
+        if self.inner != "auto":
+            return self.inner
+        on_cuda = any(getattr(x, "is_cuda", False) is True for x in example_inputs)
+        return "inductor" if on_cuda else "eager"
 
     def budget_bytes(self, device_total: Optional[int]) -> Optional[int]:
         if self.memory_budget is None or isinstance(self.memory_budget, int):
@@ -87,7 +96,7 @@ def parse(options: Optional[dict] = None, mode: Optional[str] = None) -> Options
                              "present and the reference implementation otherwise")
     # a mode is an Inductor setting: asking for one (torch.compile(..., mode="reduce-overhead") included) means
     # Inductor compiles the rewritten graph, and with the eager inner it would be silently dropped
-    inner = options.get("inner", "eager" if mode in (None, "default") else "inductor")
+    inner = options.get("inner", "auto" if mode in (None, "default") else "inductor")
     if inner not in INNERS:
         raise ValueError(f"memattn: inner must be one of {', '.join(map(repr, INNERS))}; got {inner!r}")
     if inner == "eager" and mode not in (None, "default"):

@@ -107,7 +107,7 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, opts, outcome=None):
-    if opts.inner == "inductor":
+    if opts.inner_for(example_inputs) == "inductor":
         # with recompute tags too: Inductor partitions with the min-cut partitioner itself, which honours them
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(gm, example_inputs, config_patches=_mode_config(opts.mode))
@@ -211,6 +211,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     counters["rewritten"] += len(report.rewritten)
     counters["left"] += len(report.left)
     _reports.append(report)
+    greport.inner = opts.inner_for(example_inputs)
     try:
         compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
     except Exception as e:  # Inductor or the recompute partition failed: the graph still runs, op by op

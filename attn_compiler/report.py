@@ -21,6 +21,7 @@ class GraphReport:
     after: str               # and after
     sites: list
     error: Optional[str] = None   # set when the pass failed and the graph ran unchanged
+    inner: Optional[str] = None   # what compiled it: "eager" or "inductor" (options.inner resolved for its device)
     inner_error: Optional[str] = None   # set when the inner compile (Inductor, a recompute plan) failed
     memory_before: object = None  # analysis.Memory of the lowered graph before the rewrite (None: not analysed)
     memory_after: object = None   # and after
@@ -193,6 +194,9 @@ class Report:
 
     def __str__(self) -> str:
         parts = [self.summary(), self.table()]
+        inners = sorted({g.inner for g in self.graphs if g.inner})
+        if inners:
+            parts.append(f"compiled by: {', '.join(inners)} (inner={self.options.inner!r})")
         fb = self.kernel_fallbacks
         if fb:
             parts.append("kernel fallbacks to the reference implementation:\n" + "\n".join(

@@ -84,13 +84,26 @@ def test_mode_and_options_accepted():
 def test_a_mode_means_inductor():
     """A mode is an Inductor setting: given one, the rewritten graph goes to Inductor (not silently dropped by the
     eager inner); asked for together with inner='eager' it is an error that says so."""
-    assert options.parse().inner == "eager"
-    assert options.parse({"mode": "default"}).inner == "eager"
+    assert options.parse().inner == "auto"
+    assert options.parse({"mode": "default"}).inner == "auto"
     assert options.parse(mode="reduce-overhead").inner == "inductor"
     assert options.parse({"mode": "max-autotune", "kernels": "reference"}).inner == "inductor"
     assert options.parse({"mode": "reduce-overhead", "inner": "inductor"}).mode == "reduce-overhead"
     with pytest.raises(ValueError, match="Inductor mode and applies with inner='inductor'"):
         options.parse({"inner": "eager", "mode": "reduce-overhead"})
+
+
+def test_auto_inner_is_inductor_on_cuda_and_eager_elsewhere():
+    import types
+    cuda_input = types.SimpleNamespace(is_cuda=True)   # what a CUDA example input answers
+    auto = options.parse()
+    assert auto.inner_for([torch.zeros(2), 3]) == "eager"
+    assert auto.inner_for([torch.zeros(2), cuda_input]) == "inductor"
+    assert options.parse({"inner": "eager"}).inner_for([cuda_input]) == "eager"
+    assert options.parse({"inner": "inductor"}).inner_for([torch.zeros(2)]) == "inductor"
+    q, k, v = qkv()
+    torch.compile(scaled.div_scores, backend="memattn")(q, k, v)
+    assert attn_compiler.last_report().graphs[0].inner == "eager"
 
 
 @pytest.mark.parametrize("recompute", [False, True])
