@@ -126,13 +126,14 @@ def _below_autograd(op, impl, keyset, inputs):
 
 class _Attention(torch.autograd.Function):
     """The autograd node of one forward call: saves q, k, v, out and the row stats (nothing M x N) and runs
-    attention_backward, which recomputes the probabilities blockwise."""
+    attention_backward, which recomputes the probabilities blockwise. The op's scalar arguments travel as one
+    tuple: autograd.Function.apply inspects every argument it is given, and 10 fewer of them are 3 us a call."""
 
     @staticmethod
-    def forward(ctx, keyset, *inputs):
-        out, stats = _below_autograd(torch.ops.memattn.attention.default, attention, keyset, inputs)
-        q, k, v, bias, mask, seed = inputs[:6]
-        ctx.params = inputs[6:6 + len(_SCHEMA_ARGS) + 1]   # through ``kernel``; the backward ignores out_layout
+    def forward(ctx, q, k, v, bias, mask, seed, keyset, params):
+        out, stats = _below_autograd(torch.ops.memattn.attention.default, attention, keyset,
+                                     (q, k, v, bias, mask, seed, *params))
+        ctx.params = params[:len(_SCHEMA_ARGS) + 1]   # through ``kernel``; the backward ignores out_layout
         ctx.bias_grad = bias is not None and bias.requires_grad
         ctx.save_for_backward(q, k, v, out, stats, bias, mask, seed)
         ctx.mark_non_differentiable(stats)
@@ -143,13 +144,12 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, stats, bias, mask, seed = ctx.saved_tensors
         dq, dk, dv, dbias = torch.ops.memattn.attention_backward(dout.contiguous(), q, k, v, out, stats, bias, mask,
                                                                   seed, *ctx.params, ctx.bias_grad)
-        # one gradient per forward input, keyset first (the dispatcher leaves out an out_layout at its default)
-        return None, dq, dk, dv, (dbias if ctx.bias_grad else None), *([None] * (len(ctx.needs_input_grad) - 5))
+        return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None
 
 
 def _attention_autograd(keyset, *inputs):
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs[:5]):
-        return _Attention.apply(keyset, *inputs)
+        return _Attention.apply(*inputs[:6], keyset, inputs[6:])
     return _below_autograd(torch.ops.memattn.attention.default, attention, keyset, inputs)
 
 

@@ -14,7 +14,9 @@ launch overhead, which would swamp a 10 us kernel, is out of every number. Provi
     sdpa_gqa       F.scaled_dot_product_attention(..., enable_gqa=True) (PyTorch picks the backend)
     sdpa_repeat    HF's repeat_kv (expand + reshape: a copy of K and V per query head) then SDPA, copy included
     flash_repeat   the same with the flash backend forced
-Points whose repeated cache does not fit in memory are skipped for that provider. Prints a table, writes
+Points whose repeated cache does not fit in memory are skipped for that provider. "As called" columns time
+memattn and sdpa_gqa the way an eager generation loop calls them: back-to-back calls with no CUDA graph, so each
+call costs the larger of its host path and its kernel (--no-called leaves them out). Prints a table, writes
 decode.csv and, where matplotlib is importable, decode.png into --out.
 
 --kernels prints, per point and provider, each CUDA kernel's mean device time (torch.profiler), so a gap between
@@ -88,6 +90,26 @@ def bench(fn, q, k, v):
     return do_bench_cudagraph(lambda: fn(q, k, v), rep=100)
 
 
+CALLED = ("memattn", "sdpa_gqa")   # the providers also timed as called (no CUDA graph)
+
+
+def bench_called(fn, q, k, v, calls: int = 200, rounds: int = 5) -> float:
+    """ms per call of ``calls`` back-to-back calls without a CUDA graph (the median of ``rounds`` rounds, CUDA
+    events around each): what a generation loop in eager Python pays, host path included."""
+    fn(q, k, v)
+    spin(lambda: fn(q, k, v))
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn(q, k, v)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[rounds // 2]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -98,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--peak", type=float, default=None, help="HBM bandwidth of the card, bytes/s")
     ap.add_argument("--kernels", action="store_true", help="per-kernel device times (see above)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-called", dest="called", action="store_false", help="leave out the as-called columns")
     ap.add_argument("--waves", type=int, default=None, help="override the split heuristic's programs per SM")
     ap.add_argument("--min-chunk", type=int, default=None, help="override the least keys per split")
     ap.add_argument("--wave-eff", type=float, default=None, help="override the wave efficiency the split count keeps")
@@ -151,6 +174,10 @@ def main(argv=None):
                 row[p + "_pct"] = 100 * kv_bytes / (ms * 1e-3) / args.peak
             for p in PROVIDERS[1:]:
                 row["x_" + p] = row[p + "_us"] / row["memattn_us"]
+            if args.called:
+                for p in CALLED:
+                    row[p + "_called_us"] = bench_called(fns[p], q, k, v) * 1e3
+                row["called_memattn_over_sdpa_gqa"] = row["memattn_called_us"] / row["sdpa_gqa_called_us"]
             rows.append(row)
             print(fmt_row(row), flush=True)
             del q, k, v
@@ -241,6 +268,9 @@ def fmt_row(r):
         us, pct = r[p + "_us"], r[p + "_pct"]
         cells.append(f"{'-':>16}" if math.isnan(us) else f"{us:8.1f}us {pct:5.1f}%")
     cells += [f"{r['x_' + p]:6.2f}x" if not math.isnan(r["x_" + p]) else f"{'-':>7}" for p in PROVIDERS[1:]]
+    if "called_memattn_over_sdpa_gqa" in r:
+        cells.append(f"| as called {r['memattn_called_us']:7.1f}us vs {r['sdpa_gqa_called_us']:7.1f}us "
+                     f"({r['called_memattn_over_sdpa_gqa']:4.2f}x the time)")
     return " ".join(cells)
 
 
@@ -250,7 +280,8 @@ def table(rows):
     print("\n" + head)
     for r in rows:
         print(fmt_row(r))
-    print("(us per call and % of HBM peak; 'vs X' = X's time / memattn's time, > 1 means memattn is faster)")
+    print("(us per call and % of HBM peak; 'vs X' = X's time / memattn's time, > 1 means memattn is faster; "
+          "'as called': memattn's and sdpa_gqa's time per call without CUDA graphs, and memattn's over sdpa_gqa's)")
 
 
 def save(rows, out):
