@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from attn_compiler import analysis, cache, plan as plan_mod
+from attn_compiler.codegen.launch import describe
 from attn_compiler import options as options_mod
 from attn_compiler import ops  # noqa: F401  (registers torch.ops.memattn.*)
 from attn_compiler.layout import is_layout_op, val
@@ -215,7 +216,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     try:
         compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
     except Exception as e:  # Inductor or the recompute partition failed: the graph still runs, op by op
-        greport.inner_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        greport.inner_error = describe(e)
         warnings.warn(f"memattn: compiling graph {graph_index} failed and it runs op by op (inner=\"eager\", no "
                       f"recompute plan): {greport.inner_error}", RuntimeWarning, stacklevel=2)
         log.debug("memattn inner compile failure:\n%s", traceback.format_exc(limit=8))

@@ -67,10 +67,6 @@ def _fallback(reason: str) -> None:
                       "implementation for this call", RuntimeWarning, stacklevel=4)
 
 
-def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def device_guard(q):
     """Triton launches on the current CUDA device, not on its tensors' one: a model split over GPUs in one process
     (HF's device_map="auto") would otherwise launch a layer's kernel on another GPU than its cache and weights."""
@@ -115,7 +111,7 @@ class _Triton:
                 return self.inner(*tensors)
         except Exception as e:  # compile or launch failure: keep training, say why
             self.inner = None
-            self.ref.reason = _reason(e)
+            self.ref.reason = launch.describe(e)
             return self.ref(*tensors)
 
 
@@ -138,7 +134,7 @@ def _plan(kind: str, kernel: str, tensors: tuple, spec: Spec, ref: _Reference, m
         with device_guard(q):
             inner = getattr(mod, f"plan_{kind}")(*args)
     except Exception as e:  # noqa: BLE001 - planning failed (an unsupported layout, say): the reference runs it
-        ref.reason = _reason(e)
+        ref.reason = launch.describe(e)
         return ref
     return _Triton(inner, ref, q.device)
 
@@ -189,6 +185,13 @@ def _sig(t):
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
 
 
+def _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax,
+          out_layout=0) -> Spec:
+    """The op's scalar arguments as a Spec (the schema's floats and SymInts as Python numbers)."""
+    return Spec(float(scale), float(softcap), bool(causal), int(causal_offset), float(mask_fill), bool(mask_keep),
+                float(dropout_p), bool(safe_softmax), int(out_layout))
+
+
 def _interpreted(q) -> bool:
     """TRITON_INTERPRET decides CPU tensors' plans (it is read only for them)."""
     return not q.is_cuda and os.environ.get("TRITON_INTERPRET") == "1"
@@ -206,8 +209,8 @@ def attention(q, k, v, bias, mask, seed, scale, softcap, causal, causal_offset, 
         if out_layout not in reference.OUT_LAYOUTS:
             raise ValueError(f"memattn.attention: out_layout must be one of {reference.OUT_LAYOUTS}; got "
                              f"{out_layout!r}")
-        spec = Spec(float(scale), float(softcap), bool(causal), int(causal_offset), float(mask_fill),
-                    bool(mask_keep), float(dropout_p), bool(safe_softmax), int(out_layout))
+        spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax,
+                     out_layout)
         plan = plan_forward(q, k, v, bias, mask, seed, spec, kernel)
         _forward_plans.put(key, plan)
     return plan(q, k, v, bias, mask, seed)
@@ -225,8 +228,7 @@ def attention_backward(dout, q, k, v, out, stats, bias, mask, seed, scale, softc
            dropout_p, safe_softmax, kernel, bias_grad, _interpreted(q))
     plan = _backward_plans.get(key)
     if plan is None:
-        spec = Spec(float(scale), float(softcap), bool(causal), int(causal_offset), float(mask_fill),
-                    bool(mask_keep), float(dropout_p), bool(safe_softmax))
+        spec = _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p, safe_softmax)
         plan = plan_backward(dout, q, k, v, out, stats, bias, mask, seed, spec, kernel, bool(bias_grad))
         _backward_plans.put(key, plan)
     return plan(dout, q, k, v, out, stats, bias, mask, seed)

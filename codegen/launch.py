@@ -49,6 +49,11 @@ def invalidate() -> None:
     _generation[0] += 1
 
 
+def describe(e: Exception) -> str:
+    """An exception as one line: its type and the first line of its message (warnings and report notes)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _current_device() -> int:
     return torch.cuda.current_device()
 
@@ -151,7 +156,7 @@ class Launch:
         self._bound = None
         self.bindable = False   # binding again would fail the same way on every call
         stats["bound_failures"] += 1
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = describe(e)
         if reason not in _warned:
             _warned.add(reason)
             warnings.warn(f"memattn: a bound kernel launch failed ({reason}); launching through Triton from now "
