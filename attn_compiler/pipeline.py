@@ -27,6 +27,10 @@ log = logging.getLogger("attn_compiler")
 _reports: list = []
 counters = {"graphs": 0, "rewritten": 0, "left": 0}
 
+# Raised by AOTAutograd's passes for Dynamo to catch and trace the frame again (a float scalar that must be
+# specialised): control flow, not a failure, so it passes through every fallback here.
+_RESTART = (torch._dynamo.exc.RestartAnalysis,)
+
 
 def last_report() -> Optional[Report]:
     """The Report of the most recent memattn compilation in this process (None before the first)."""
@@ -175,7 +179,15 @@ def _replan(lowered, example_inputs, opts, outcome, compiled, memory, model):
         new.budget, new.target, new.planned_to = outcome.budget, outcome.target, lower_to
         new.attempts = outcome.attempts + 1
         plan_mod.apply(lowered, new)
-        compiled = _inner_compile(lowered, example_inputs, opts, new)
+        try:
+            compiled = _inner_compile(lowered, example_inputs, opts, new)
+        except _RESTART:
+            raise
+        except Exception as e:  # keep the plan compiled already; the report says why no better one was tried
+            outcome.note = (f"planning again below {analysis.fmt_bytes(lower_to)} failed to compile "
+                            f"({describe(e)}); the first plan is kept. " + (outcome.note or ""))
+            log.debug("memattn replan compile failure:\n%s", traceback.format_exc(limit=8))
+            break
         outcome = new
         if not outcome.mismatch:
             break
@@ -197,6 +209,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
         greport = GraphReport(graph_index, before, lowered.code, sites, memory_before=mem_before,
                               memory_after=mem_after, plan=outcome, model=model)
         compiled_gm = lowered
+    except _RESTART:
+        raise
     except Exception as e:  # a bug in the pass must not take the user's model down: run the graph unchanged
         tb = traceback.format_exc(limit=4)
         warnings.warn(f"memattn: the attention pass failed on graph {graph_index} and the graph runs "
@@ -215,6 +229,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     greport.inner = opts.inner_for(example_inputs)
     try:
         compiled = _inner_compile(compiled_gm, example_inputs, opts, outcome)   # fills outcome.verified
+    except _RESTART:   # Dynamo traces the frame again and calls the backend anew: this graph never existed
+        _reports.remove(report)
+        counters["graphs"] -= 1
+        counters["rewritten"] -= len(report.rewritten)
+        counters["left"] -= len(report.left)
+        raise
     except Exception as e:  # Inductor or the recompute partition failed: the graph still runs, op by op
         greport.inner_error = describe(e)
         warnings.warn(f"memattn: compiling graph {graph_index} failed and it runs op by op (inner=\"eager\", no "

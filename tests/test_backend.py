@@ -315,6 +315,27 @@ def test_inner_compile_failure_runs_the_rewritten_graph_op_by_op(monkeypatch):
     assert "runs op by op" in str(report)
 
 
+def test_dynamo_restarting_analysis_is_not_taken_for_a_failure():
+    """Under dynamic shapes AOTAutograd's scalar tensorification raises TensorifyScalarRestartAnalysis for Dynamo
+    to trace the frame again (here inside the recompute partition a budget asks for). That is control flow: no
+    fallback warning, the restarted compile is rewritten and planned, and the abandoned attempt leaves no report."""
+    import warnings
+
+    from attn_compiler.models import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, d_model=32, n_head=2, n_kv_head=2, block=32)
+    model, x = GPT(cfg), torch.randint(0, cfg.vocab, (2, 32))
+    before, graphs = len(attn_compiler.reports()), attn_compiler.pipeline.counters["graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = torch.compile(model, backend="memattn", dynamic=True, options={"memory_budget": 600_000})(x)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    reports = attn_compiler.reports()[before:]
+    assert len(reports) == 1 and attn_compiler.pipeline.counters["graphs"] == graphs + 1
+    graph = reports[0].graphs[0]
+    assert graph.inner_error is None and graph.plan is not None and len(reports[0].rewritten) == 1
+
+
 def test_kernel_failure_falls_back_once_with_a_warning_and_a_report_note(monkeypatch):
     """An injected Triton failure: the call still returns eager's result via the reference, warns once, and the
     report lists the fallback."""

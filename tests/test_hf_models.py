@@ -485,21 +485,23 @@ def test_static_inputs_survive_the_rewrite(monkeypatch):
     seen = []
     real = cfx.get_static_input_idxs
     monkeypatch.setattr(cfx, "get_static_input_idxs", lambda fixed: seen.append(sorted(real(fixed))) or seen[-1])
-    # a cache hit skips the compile that asks for them
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     x, pos = torch.randn(2, 5, 64), torch.arange(5)
     static = {}
-    for backend in ("inductor", "memattn"):
-        torch._dynamo.reset()
-        seen.clear()
-        model = GPTFastAttention(sdpa=False)
-        before = len(attn_compiler.reports())
-        with torch.no_grad():
-            torch.compile(model, backend=backend, options={"inner": "inductor"} if backend == "memattn" else None,
-                          fullgraph=True)(x, pos)
-        assert len(seen) == 1, seen
-        static[backend] = seen[0]
+    # a cache hit skips the compile that asks for them. The configs' own patch, not monkeypatch: pytest >= 9.2
+    # undoes a setattr on an attribute missing from the instance __dict__ by deleting it, which hides a torch
+    # config entry for the rest of the run
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        for backend in ("inductor", "memattn"):
+            torch._dynamo.reset()
+            seen.clear()
+            model = GPTFastAttention(sdpa=False)
+            before = len(attn_compiler.reports())
+            with torch.no_grad():
+                torch.compile(model, backend=backend, fullgraph=True,
+                              options={"inner": "inductor"} if backend == "memattn" else None)(x, pos)
+            assert len(seen) == 1, seen
+            static[backend] = seen[0]
     # wqkv, wo and the four buffers: six static inputs, x and input_pos not
     assert len(static["inductor"]) == 6 and static["memattn"] == static["inductor"], static
     assert [s.status for s in attn_compiler.reports()[before].sites] == ["rewritten"]
