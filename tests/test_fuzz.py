@@ -51,7 +51,8 @@ class Program:
     mask_shape: str      # ss | b11s | 1hss | bhss
     fill: str            # -inf | min
     dead_row: bool       # one query row has every key masked
-    causal: str          # none | tril | triu | arange
+    index_mask: str      # none | causal: tril | triu | arange | structured, not causal: key_only | query_only |
+    #                      anti | band | head_key (a comparison of indices built in the graph, like the causal ones)
     repeat: str          # expand | interleave (used when hkv < h)
     dropout: str         # none | p0 | eval
     extra_user: str      # none | scores | probs
@@ -66,7 +67,10 @@ class Program:
         return True
 
     def has_dead_rows(self) -> bool:
-        return (self.dead_row and self.mask != "none") or (self.causal != "none" and self.sq > self.sk)
+        if self.dead_row and self.mask != "none":
+            return True
+        allowed = index_allowed(self.index_mask, self.h, self.sq, self.sk)
+        return allowed is not None and bool((~allowed.any(-1)).any())
 
 
 @st.composite
@@ -94,7 +98,8 @@ def programs(draw) -> Program:
         mask_shape=draw(st.sampled_from(["ss", "b11s", "1hss", "bhss"])),
         fill=draw(st.sampled_from(["-inf", "min"])),
         dead_row=draw(st.booleans()),
-        causal=draw(st.sampled_from(["none", "tril", "triu", "arange"])),
+        index_mask=draw(st.sampled_from(["none", "tril", "triu", "arange", "key_only", "query_only", "anti", "band",
+                                         "head_key"])),
         repeat=draw(st.sampled_from(["expand", "interleave"])),
         dropout=draw(st.sampled_from(["none", "p0", "eval"])),
         extra_user=draw(st.sampled_from(["none"] * 4 + ["scores", "probs"])),
@@ -113,6 +118,32 @@ def _repeat_kv(x: torch.Tensor, n: int, how: str) -> torch.Tensor:
         return x.repeat_interleave(n, dim=1)
     b, hkv, s, d = x.shape
     return x[:, :, None].expand(b, hkv, n, s, d).reshape(b, hkv * n, s, d)
+
+
+def index_allowed(kind: str, h: int, sq: int, sk: int):
+    """The kept positions of an index mask built from arange comparisons (traced into the graph), broadcastable to
+    (h, sq, sk); None for none. The causal kinds align the diagonal bottom-right as HF does; the others are
+    structural but not causal, so the kernel's causal flag must not stand for any of them."""
+    if kind == "none":
+        return None
+    i, j = torch.arange(sq)[:, None] + (sk - sq), torch.arange(sk)[None, :]
+    if kind == "tril":
+        return torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    if kind == "triu":
+        return ~torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1)
+    if kind == "arange":
+        return j <= i
+    if kind == "key_only":     # the first keys for every row: no query index in it
+        return j <= min(3, sk - 1)
+    if kind == "query_only":   # whole rows kept or dropped
+        return i >= sk - 1 - sq // 2
+    if kind == "anti":         # causal shifted the wrong way: keys at or after the query's position
+        return j >= i - (sk - 1) // 2
+    if kind == "band":         # a window below the diagonal that does not contain it
+        return (j <= i - 2) & (j >= i - 5)
+    if kind == "head_key":     # a comparison on the head axis, not the query's
+        return torch.arange(h)[:, None, None] <= j[None]
+    raise ValueError(kind)
 
 
 def build(p: Program):
@@ -186,16 +217,9 @@ def build(p: Program):
                 s = s.masked_fill(~m, fill)
             else:
                 s = torch.where(m, s, fill)
-        if p.causal != "none":
-            if p.causal == "tril":
-                allowed = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
-                s = s.masked_fill(~allowed, fill)
-            elif p.causal == "triu":
-                banned = torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1)
-                s = s.masked_fill(banned, fill)
-            else:
-                allowed = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
-                s = s.masked_fill(~allowed, fill)
+        allowed = index_allowed(p.index_mask, h, sq, sk)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, fill)
         if p.softmax_cast:
             # promote, not .float(): the fp64 truth run must not round its finfo.min fill to -inf
             a = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1).to(s.dtype)
@@ -230,12 +254,13 @@ def check_program(p: Program):
                                  grad=grad)
     if not ok:
         assert report.sites[0].reason, str(report)
+    return report
 
 
 def _prog(**kw) -> Program:
     base = dict(b=1, h=1, hkv=1, sq=1, sk=1, d=1, dtype=torch.float32, dynamic=False, spelling="matmul",
                 scale_at="none", softmax_cast=False, layout="bhsd", mask="none", mask_shape="ss", fill="-inf",
-                dead_row=False, causal="none", repeat="expand", dropout="none", extra_user="none", big=False, seed=0)
+                dead_row=False, index_mask="none", repeat="expand", dropout="none", extra_user="none", big=False, seed=0)
     return Program(**{**base, **kw})
 
 
@@ -251,22 +276,22 @@ REGRESSIONS = {
     # bf16 with big logits: the fp64 truth took the unrounded inputs, whose bf16 rounding alone flips nearly
     # one-hot rows (output 2.0 vs eager's 0.44, either could be the larger); inputs are now bf16 values
     "bf16_big_logits_input_rounding": _prog(b=2, sq=33, sk=33, d=73, dtype=torch.bfloat16, scale_at="scores_div",
-                                            softmax_cast=True, layout="strided", fill="min", causal="arange",
+                                            softmax_cast=True, layout="strided", fill="min", index_mask="arange",
                                             big=True, seed=168),
     "bf16_big_logits_input_rounding_einsum": _prog(sq=11, sk=11, d=11, dtype=torch.bfloat16, spelling="einsum",
                                                    scale_at="scores_div", layout="strided", mask="bool_where",
-                                                   mask_shape="bhss", fill="min", causal="triu",
+                                                   mask_shape="bhss", fill="min", index_mask="triu",
                                                    repeat="interleave", dropout="p0", big=True, seed=65535),
     "bf16_big_logits_input_rounding_dead_row": _prog(b=2, sq=16, sk=16, d=2, dtype=torch.bfloat16, dynamic=True,
                                                      spelling="at", softmax_cast=True, layout="bshd",
                                                      mask="bool_fill", mask_shape="bhss", fill="min", dead_row=True,
-                                                     causal="tril", repeat="interleave", dropout="eval", big=True,
+                                                     index_mask="tril", repeat="interleave", dropout="eval", big=True,
                                                      seed=16),
     # bf16, d=1, big logits (long profile): the fp64 truth took the fp64 output gradient while eager and compiled
     # got it rounded to bf16; that rounding alone moved dq = 26.0 by 0.08, one bf16 ulp after rounding (eager
     # landed on 26.0 by luck). The harness now rounds dO to the dtype for the truth too
     "bf16_grad_output_rounding": _prog(b=2, sq=33, sk=33, dtype=torch.bfloat16, softmax_cast=True, mask="bool_fill",
-                                       mask_shape="bhss", causal="tril", big=True, seed=1),
+                                       mask_shape="bhss", index_mask="tril", big=True, seed=1),
     # the ci profile on an AVX-512 CPU: eager's bf16 p @ v (torch 2.13's CPU GEMM) put NaN in row 7, next to the
     # fully masked row 8, where the truth and memattn are finite; the harness's eager error was then NaN and no
     # budget could hold. Eager's NaNs where the truth has none now count as exact for eager, and for a site left
@@ -292,3 +317,15 @@ def test_fuzz_attention_programs(request):
         check_program(p)
 
     run()
+
+
+@pytest.mark.parametrize("kind", ["key_only", "query_only", "anti", "band", "head_key"])
+@pytest.mark.parametrize("sq,sk", [(17, 17), (5, 23)], ids=["square", "cross"])
+def test_structured_masks_that_are_not_causal(kind, sq, sk):
+    """Index comparisons built in the graph that are not j <= i + c: each is passed as the tensor it is or proven
+    as exactly what it is, never taken for the causal flag alone (a key-only `j <= 3` read as causal with offset 3
+    was a surviving mutant of patterns/causal.py's _is_causal)."""
+    report = check_program(_prog(b=2, h=2, sq=sq, sk=sk, d=8, index_mask=kind, fill="min", seed=3))
+    flags = report.sites[0].flags
+    # a window under the diagonal may set the flag to skip tiles, but only with the mask passed beside it
+    assert (not flags["causal"] or kind == "band") and flags["bool_masks"] + flags["bias"] == 1, flags
