@@ -47,6 +47,18 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+# backward() of the scalar loss allocates its seed gradient (one fp32 scalar) outside every graph: the only bytes of
+# a training step the estimate cannot see. Otherwise it is exact, so a tensor it misses fails these tests.
+SEED_BYTES = 4
+
+
+def assert_estimate(est, measured, train=True):
+    """The estimate equals the exact measurement, short by the gradient seed of a backward."""
+    est, measured = int(est), int(measured)
+    assert measured - est == (SEED_BYTES if train else 0), (
+        f"estimated {est} B, measured {measured} B ({'training step' if train else 'forward only'})")
+
+
 def _concrete(example_inputs):
     return [int(x.node.hint) if isinstance(x, torch.SymInt) else x for x in example_inputs]
 
@@ -93,7 +105,7 @@ def test_estimate_matches_measured_before_and_after_the_rewrite():
     args = _concrete(ex)
     measured_after, _ = _measure_step(compiled, args)
     est_after = report.peak_after.at()
-    assert abs(est_after - measured_after) <= 0.02 * measured_after, (est_after, measured_after)
+    assert_estimate(est_after, measured_after)
     # before: the lowered graph without the rewrite, run as it is
     model, idx = _gpt()
     graphs = []
@@ -101,7 +113,7 @@ def test_estimate_matches_measured_before_and_after_the_rewrite():
     torch.compile(model, backend=lambda gm, e: graphs.append(lower(gm, e)) or graphs[-1], fullgraph=True)(idx, idx)
     measured_before, _ = _measure_step(graphs[0], args)
     est_before = report.peak_before.at()
-    assert abs(est_before - measured_before) <= 0.02 * measured_before, (est_before, measured_before)
+    assert_estimate(est_before, measured_before)
     assert est_after < est_before
     # and that is what the model costs uncompiled: eager autograd, measured the same way. (A dropout with p = 0
     # traces as a copy of the probabilities that eager never makes; lower() drops it, or this is 20% off.)
@@ -111,12 +123,12 @@ def test_estimate_matches_measured_before_and_after_the_rewrite():
         loss = model(idx, idx)
         loss.backward()
         del loss
-    assert abs(est_before - probe.peak) <= 0.02 * probe.peak, (est_before, probe.peak)
+    assert_estimate(est_before, probe.peak)
     # forward only
     mem, _ = analysis.analyse(graphs[0].graph, args, entry_grad=False)
     with torch.no_grad():
         measured_inf, _ = _measure_step(graphs[0], args, train=False)
-    assert abs(mem.inference.bytes.at() - measured_inf) <= 0.02 * measured_inf, (mem.inference.bytes, measured_inf)
+    assert_estimate(mem.inference.bytes.at(), measured_inf, train=False)
 
 
 def test_symbolic_peak_evaluates_at_other_sizes():
@@ -129,9 +141,6 @@ def test_symbolic_peak_evaluates_at_other_sizes():
     assert seq_sym is not None
     # the same graph at a sequence length never seen while compiling: the formula predicts its peak
     new = 2 * 72
-    args = []
-    for node, a in zip([n for n in compiled.graph.nodes if n.op == "placeholder"], _concrete(ex)):
-        args.append(a)
     args = _concrete(ex)
     idx2 = torch.randint(0, 64, (2, new))
     args = [({ex[1].node.hint: new}.get(a, a) if isinstance(a, int) else a) for a in args]
@@ -140,7 +149,7 @@ def test_symbolic_peak_evaluates_at_other_sizes():
     measured, _ = _measure_step(compiled, args)
     predicted = peak.at({str(seq_sym): new})
     assert predicted == peak.at({seq_sym: new})
-    assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
+    assert_estimate(predicted, measured)
     assert "peak after rewrite" in str(report) and str(seq_sym) in str(report)
 
 
@@ -174,8 +183,8 @@ def test_budget_plan_fits_lowers_the_measured_peak_and_keeps_gradients():
     assert report.peak_after.at() <= budget            # the planner's own accounting (partitioned graphs)
     plan_peak, plan_grads = _measure_step(compiled, _concrete(ex2))
     assert plan_peak < free_peak
-    assert plan_peak <= budget * 1.02, (plan_peak, budget)
-    assert abs(report.peak_after.at() - plan_peak) <= 0.05 * plan_peak, (report.peak_after, plan_peak)
+    assert plan_peak <= budget + SEED_BYTES, (plan_peak, budget)
+    assert_estimate(report.peak_after.at(), plan_peak)
     assert len(plan_grads) == len(free_grads)
     for a, b in zip(plan_grads, free_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -272,6 +281,6 @@ def test_a_plan_the_partitioner_overshoots_is_replanned_until_it_fits(monkeypatc
     assert plan.planned_to < budget - bias // 2 and plan.verified.bytes.at() <= budget
     assert "re-planned" in str(report)
     measured, grads = _measure_step(compiled, _concrete(ex2))
-    assert measured <= budget * 1.02, (measured, budget)
+    assert measured <= budget + SEED_BYTES, (measured, budget)
     for a, b in zip(grads, free_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
