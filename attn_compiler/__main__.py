@@ -126,7 +126,7 @@ def demo(args) -> int:
     report = attn_compiler.last_report()
     print(report.summary())
     print(report.table())
-    print(f"\nmax |memattn - eager| of the logits: {(out.float() - ref.float()).abs().max().item():.3g}")
+    ok = _check_logits(model, idx, out, ref, args.dtype)
     if args.steps > 0:
         eager, mem = _measure(args, "eager"), _measure(args, "memattn")
         print(f"\ntraining step (forward + backward), median of {args.steps}, {eager['peak_kind']}:")
@@ -135,7 +135,29 @@ def demo(args) -> int:
             print(f"  {name:8s} {r['time_ms']:10.1f} {r['peak_bytes'] / 2 ** 20:10.1f}")
         print(f"  ratio    {mem['time_ms'] / eager['time_ms']:10.2f} "
               f"{mem['peak_bytes'] / max(eager['peak_bytes'], 1):10.2f}")
-    return 0
+    return 0 if ok else 1
+
+
+# dtype -> (atol, multiple): memattn's error against an fp64 run of the same model may be at most MULTIPLE x eager's
+# error in the dtype, plus ATOL x the logits' scale (eager can be exact at tiny sizes)
+_TOLERANCE = {"fp32": (3e-5, 4.0), "bf16": (1e-2, 2.0)}
+
+
+def _check_logits(model, idx, out, ref, dtype: str) -> bool:
+    """Prints memattn's and eager's errors against an fp64 run of the model; True when memattn's is within the
+    dtype's tolerance of eager's."""
+    import copy
+    import torch
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(idx)
+    err = (out.double() - truth).abs().max().item()
+    eager_err = (ref.double() - truth).abs().max().item()
+    atol, mult = _TOLERANCE[dtype]
+    bound = mult * eager_err + atol * max(1.0, truth.abs().max().item())
+    ok = err <= bound
+    print(f"\nmax |memattn - eager| of the logits: {(out.double() - ref.double()).abs().max().item():.3g}; against "
+          f"fp64: memattn {err:.3g}, eager {eager_err:.3g}, allowed {bound:.3g} ({'ok' if ok else 'MISMATCH'})")
+    return ok
 
 
 class UsageError(Exception):

@@ -1,4 +1,5 @@
 """The embedded GPT end to end, and the demo command."""
+import re
 import subprocess
 import sys
 
@@ -46,7 +47,25 @@ def test_demo_command():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "2 attention site(s), 2 rewritten, 0 left alone" in out.stdout
-    assert "max |memattn - eager|" in out.stdout and "ratio" in out.stdout
+    errors = re.search(r"against fp64: memattn (\S+), eager (\S+), allowed (\S+) \(ok\)", out.stdout)
+    assert errors, out.stdout
+    err, eager_err, allowed = map(float, errors.groups())
+    assert err <= allowed and allowed < 1e-2, errors.group(0)   # fp32 logits of O(1): a real bound
+    assert re.search(r"ratio\s+\d+\.\d+\s+\d+\.\d+", out.stdout), out.stdout
+
+
+def test_demo_exits_non_zero_when_memattn_differs_from_eager(monkeypatch, capsys):
+    """Logits off by 1e-3 (what a wrong mask or scale gives) fail the demo: exit code 1 and MISMATCH printed."""
+    from attn_compiler import __main__ as cli
+    real = torch.compile
+
+    def off(model, **kw):
+        compiled = real(model, **kw)
+        return lambda *a: compiled(*a) + 1e-3
+    monkeypatch.setattr(torch, "compile", off)
+    code = cli.main(["demo", "--seq", "16", "--layers", "1", "--d-model", "32", "--heads", "2", "--kv-heads", "2",
+                     "--steps", "0", "--device", "cpu"])
+    assert code == 1 and "MISMATCH" in capsys.readouterr().out
 
 
 def test_dynamic_float_attributes_stay_constants():
