@@ -103,8 +103,36 @@ def _norm(d, rank):
     return d + rank if d < 0 else d
 
 
+def _empty_view(flat, out_shape) -> Dims:
+    """apply_view where an axis is empty: 0 is the product of any run of axes that includes it, so the grouping
+    is searched for, and taken only when it is the one grouping whose products are the new sizes."""
+    found = []
+
+    def search(idx, k, groups):
+        if len(found) > 1:
+            return
+        if k == len(out_shape):
+            if idx == len(flat):
+                found.append(list(groups))
+            return
+        if is_one(out_shape[k]):
+            search(idx, k + 1, groups + [[]])
+            return
+        total = 1
+        for end in range(idx + 1, len(flat) + 1):
+            total = total * flat[end - 1].size
+            if known_eq(total, out_shape[k]):
+                search(end, k + 1, groups + [flat[idx:end]])
+    search(0, 0, [])
+    if len(found) != 1:
+        raise Untrackable("a view of an empty tensor whose axes cannot be told apart")
+    return found[0]
+
+
 def apply_view(dims: Dims, out_shape) -> Dims:
     flat = [f for d in dims for f in d if not is_one(f.size)]
+    if any(known_eq(f.size, 0) for f in flat):
+        return _empty_view(flat, out_shape)
     out, idx = [], 0
     for size in out_shape:
         if is_one(size):
