@@ -260,7 +260,8 @@ def check_program(p: Program):
 def _prog(**kw) -> Program:
     base = dict(b=1, h=1, hkv=1, sq=1, sk=1, d=1, dtype=torch.float32, dynamic=False, spelling="matmul",
                 scale_at="none", softmax_cast=False, layout="bhsd", mask="none", mask_shape="ss", fill="-inf",
-                dead_row=False, index_mask="none", repeat="expand", dropout="none", extra_user="none", big=False, seed=0)
+                dead_row=False, index_mask="none", repeat="expand", dropout="none", extra_user="none", big=False,
+                seed=0)
     return Program(**{**base, **kw})
 
 

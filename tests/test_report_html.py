@@ -290,7 +290,7 @@ def test_renders_in_headless_chromium(gpt, tmp_path, broken):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000", f"--screenshot={shot}",
            "--enable-logging=stderr", "--v=0", page.as_uri()]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)   # a cold Chromium on a loaded 2-core machine
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # cold Chromium, loaded 2-core machine
     console = [ln for ln in out.stderr.splitlines() if "CONSOLE" in ln]
     if broken:
         assert any("undefined_function_memattn" in ln for ln in console), out.stderr[-2000:]
