@@ -491,6 +491,23 @@ def arange_compare(q, k, v):
     return torch.softmax(torch.where(j <= i, q @ k.transpose(-2, -1), float("-inf")), -1) @ v
 
 
+def arange_strict(q, k, v):
+    # j < i + 1: the strict comparison, one past the diagonal
+    sq, sk = q.shape[-2], k.shape[-2]
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
+    return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~(j < i + 1), float("-inf")), -1) @ v
+
+
+def arange_query_first(q, k, v):
+    # i >= j, and the dropped side as i < j: the query index on the left of both comparisons
+    sq, sk = q.shape[-2], k.shape[-2]
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
+    s = torch.where(i >= j, q @ k.transpose(-2, -1), float("-inf")).masked_fill(i < j, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
 def additive_min(q, k, v):
     s = q.shape[-2]
     bias = torch.full((s, s), torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype).triu(1)
@@ -507,4 +524,5 @@ def tensor_literal_fill(q, k, v):
 
 
 SPELLINGS = {"tril_ones": tril_ones, "triu_fill": triu_fill, "arange_compare": arange_compare,
+             "arange_strict": arange_strict, "arange_query_first": arange_query_first,
              "additive_min": additive_min, "tensor_literal_fill": tensor_literal_fill}

@@ -76,6 +76,11 @@ def additive(q, k, v, bias):
     return torch.softmax(q @ k.transpose(-2, -1) * q.size(-1) ** -0.5 + bias, -1) @ v
 
 
+def additive_then_div(q, k, v, bias):
+    # the scale after the bias: (s + bias) / sqrt(d) scales the bias too
+    return torch.softmax((q @ k.transpose(-2, -1) + bias) / q.size(-1) ** 0.5, -1) @ v
+
+
 def masked_fill_neg_inf(q, k, v, keep):
     s = (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf"))
     return torch.softmax(s, -1) @ v
@@ -91,5 +96,5 @@ def where_keep(q, k, v, keep):
     return torch.softmax(s, -1) @ v
 
 
-SPELLINGS = {"additive": additive, "masked_fill_neg_inf": masked_fill_neg_inf,
+SPELLINGS = {"additive": additive, "additive_then_div": additive_then_div, "masked_fill_neg_inf": masked_fill_neg_inf,
              "masked_fill_finfo_min": masked_fill_finfo_min, "where_keep": where_keep}

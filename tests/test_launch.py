@@ -185,3 +185,33 @@ def test_the_reference_is_planned_once_per_signature_too():
     assert all(torch.equal(o, outs[0]) for o in outs)
     torch.ops.memattn.attention(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, *args)   # new strides
     assert launch.stats["plans"] == before + 2
+
+
+@pytest.mark.parametrize("change", [dict(scale=0.5), dict(softcap=2.0), dict(causal=False), dict(causal_offset=3),
+                                    dict(mask_keep=False), dict(causal_offset=-3, safe_softmax=True)],
+                         ids=lambda c: "-".join(c))
+def test_every_scalar_of_the_call_is_part_of_its_signature(change):
+    """Two calls on the same tensors that differ in one scalar are two signatures: the second call's forward and
+    backward equal those of a plan made afresh for it, not the first call's plan run again."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.float64, generator=g) for _ in range(3))
+    mask = torch.rand(1, 1, 8, 8, generator=g) > 0.3
+    mask.diagonal(dim1=-2, dim2=-1).fill_(True)
+    base = dict(scale=0.25, softcap=0.0, causal=True, causal_offset=0, mask_fill=float("-inf"), mask_keep=True,
+                dropout_p=0.0, safe_softmax=False)
+
+    def call(**over):
+        s = {**base, **over}
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = torch.ops.memattn.attention(*leaves, None, mask, None, s["scale"], s["softcap"], s["causal"],
+                                          s["causal_offset"], s["mask_fill"], s["mask_keep"], s["dropout_p"],
+                                          s["safe_softmax"], "reference")[0]
+        out.backward(torch.ones_like(out))
+        return [out.detach().nan_to_num(7.0)] + [t.grad.nan_to_num(7.0) for t in leaves]
+    first = call(**({"causal_offset": -3} if "safe_softmax" in change else {}))
+    second = call(**change)
+    launch.invalidate()
+    fresh = call(**change)
+    assert not all(torch.equal(a, b) for a, b in zip(first, fresh)), "the change must change the result"
+    for a, b in zip(second, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -67,7 +67,7 @@ def test_masked(name, shape, dtype, dynamic):
     s, sk, d = 17, 23, 40
     q, k, v = qkv(s, d, sk=sk)
     keep = _mask_inputs(shape, s, sk)
-    if name == "additive":
+    if name.startswith("additive"):
         extra = torch.where(keep, 0.0, -1e4) + torch.randn(keep.shape) * 0.5
     else:
         extra = keep
