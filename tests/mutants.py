@@ -5,8 +5,9 @@ for it must fail. A mutant that survives is a property no test holds.
     python tests/mutants.py --only gib      # some of them
     python tests/mutants.py --list
 
-Each mutant edits one file in place and restores it afterwards, whatever happens (do not run two at once, nor
-while editing those files). Exit code 1 when any mutant survives. tests/mutants.md records the last full run.
+The tests of each mutant are first run on the code as it is, and must pass. Each mutant then edits one file in
+place and restores it afterwards, whatever happens (do not run two at once, nor while editing those files). Exit
+code 1 when any mutant survives, 2 when a baseline fails. tests/mutants.md records the last full run.
 """
 from __future__ import annotations
 
@@ -86,6 +87,24 @@ MUTANTS = [
 ]
 
 
+def _pytest(tests, env, timeout):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **dict(env)})
+
+
+def baseline(chosen, timeout: float) -> bool:
+    """The tests of every mutant pass on the code as it is: otherwise a 'killed' would mean nothing."""
+    ok = True
+    for tests, env in dict.fromkeys((m.tests, m.env) for m in chosen):
+        res = _pytest(tests, env, timeout)
+        if res.returncode != 0:
+            print(f"baseline: {' '.join(tests)} fails without any mutant (pytest exit {res.returncode}):\n"
+                  f"{res.stdout[-2000:]}")
+            ok = False
+    return ok
+
+
 def run(m: Mutant, timeout: float) -> tuple[str, float]:
     path = ROOT / m.path
     text = path.read_text()
@@ -94,10 +113,8 @@ def run(m: Mutant, timeout: float) -> tuple[str, float]:
     t0 = time.perf_counter()
     try:
         path.write_text(text.replace(m.old, m.new))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
         try:
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                                 env={**os.environ, **dict(m.env)})
+            res = _pytest(m.tests, m.env, timeout)
         except subprocess.TimeoutExpired:
             return "timeout", time.perf_counter() - t0
     finally:
@@ -114,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per mutant")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running the tests on the unmutated code")
     a = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.only or m.name in a.only]
     if a.only and len(chosen) != len(a.only):
@@ -121,14 +139,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown mutant in {a.only}; known: {known}")
     if a.list:
         for m in chosen:
-            print(f"{m.name:28s} {m.path}: {m.why}")
+            print(f"{m.name:36s} {m.path}: {m.why}")
         return 0
+    if not a.no_baseline and not baseline(chosen, a.timeout):
+        return 2
     survived = 0
-    print(f"{'mutant':28s} {'outcome':10s} {'s':>6s}  tests")
+    print(f"{'mutant':36s} {'outcome':10s} {'s':>6s}  tests")
     for m in chosen:
         outcome, secs = run(m, a.timeout)
         survived += outcome != "killed"
-        print(f"{m.name:28s} {outcome:10s} {secs:6.0f}  {' '.join(m.tests)}", flush=True)
+        print(f"{m.name:36s} {outcome:10s} {secs:6.0f}  {' '.join(m.tests)}", flush=True)
     return 1 if survived else 0
 
 
