@@ -88,7 +88,8 @@ def _nothing(node, rg):
 
 def _memattn_attention(node, rg):
     # setup_context in ops.py: q, k, v, bias, mask, seed from the inputs, out and stats from the outputs
-    return [_arg(node, i) for i in range(6)] + [("out", 0), ("out", 1)]
+    from attn_compiler.ops import ARGS
+    return [_arg(node, ARGS.index(name)) for name in ("q", "k", "v", "bias", "mask", "seed")] + [("out", 0), ("out", 1)]
 
 
 SAVES = {

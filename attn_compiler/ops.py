@@ -52,6 +52,40 @@ _lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tenso
             "float mask_fill, bool mask_keep, float dropout_p, bool safe_softmax, str kernel, bool bias_grad) "
             "-> (Tensor, Tensor, Tensor, Tensor)", tags=_TAGS)
 
+# The op's arguments by name. Graph passes build and read memattn.attention nodes through these helpers, never by
+# position, so the schema above is the one place that orders them.
+_SCHEMA = torch.ops.memattn.attention.default._schema
+ARGS = tuple(a.name for a in _SCHEMA.arguments)
+
+
+def attention_args(**named) -> tuple:
+    """memattn.attention's positional arguments from their names; those with a default may be left out (and are
+    left out of the call when no later argument is given, as the graph would print them)."""
+    unknown = set(named) - set(ARGS)
+    if unknown:
+        raise TypeError(f"memattn.attention has no argument(s) {sorted(unknown)}; its arguments: {ARGS}")
+    out, given = [], 0
+    for a in _SCHEMA.arguments:
+        if a.name in named:
+            out.append(named[a.name])
+            given = len(out)
+        elif a.has_default_value():
+            out.append(a.default_value)
+        else:
+            raise TypeError(f"memattn.attention: argument {a.name!r} is required")
+    return tuple(out[:given])
+
+
+def node_args(node) -> dict:
+    """name -> value of a memattn.attention call in a graph, defaults filled in."""
+    values = dict(zip(ARGS, node.args), **node.kwargs)
+    return {a.name: values[a.name] if a.name in values else a.default_value for a in _SCHEMA.arguments}
+
+
+def replace_args(node, **changes) -> tuple:
+    """The positional arguments of a memattn.attention call with some of them changed by name."""
+    return attention_args(**{**node_args(node), **changes})
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
               seed: Optional[Tensor], scale: float, softcap: float, causal: bool, causal_offset: int,

@@ -14,7 +14,7 @@ import torch.fx as fx
 from attn_compiler import analysis, cache, plan as plan_mod
 from attn_compiler.codegen.launch import describe
 from attn_compiler import options as options_mod
-from attn_compiler import ops  # noqa: F401  (registers torch.ops.memattn.*)
+from attn_compiler import ops  # also registers torch.ops.memattn.*
 from attn_compiler.layout import is_layout_op, val
 from attn_compiler.lower import graph_fake_mode, lower, placeholders_fake
 from attn_compiler.match import find_candidates
@@ -93,7 +93,8 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
             site.scores_bytes = _scores_bytes(plan.chain)
             cache_info = cache.cache_pattern(plan.k.base, plan.v.base, plan.qk)  # before emit erases the chain
             att = emit(plan, fake_mode, opts.kernels)
-            site.flags = {"scale": att.args[6], "softcap": att.args[7], **site.flags,
+            named = ops.node_args(att)
+            site.flags = {"scale": named["scale"], "softcap": named["softcap"], **site.flags,
                           "out_layout": output_layout(att, fake_mode)}
         except Reject as e:
             site.reason = str(e)
@@ -102,7 +103,7 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
             site.reason = f"internal error while rewriting ({type(e).__name__}: {e}); left alone"
             continue
         site.status = "rewritten"
-        site.kernel = cache.kernel_kind(val(att.args[0]).shape[2], plan.st.dropout_p)
+        site.kernel = cache.kernel_kind(val(named["q"]).shape[2], plan.st.dropout_p)
         site.cache, site.cache_copy_bytes = cache_info
         site.nodes = [n.name for n in plan.chain]
     gm.graph.eliminate_dead_code()

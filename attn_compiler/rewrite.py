@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from attn_compiler import analysis
+from attn_compiler import analysis, ops
 from attn_compiler.codegen.reference import OUT_ZMHD
 from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
 from attn_compiler.match import SHAPE_READERS, Plan
@@ -187,8 +187,10 @@ def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
         seed = em.call(aten.randint.low, 0, 2 ** 31 - 1, [], dtype=torch.int64, device=val(q4).device)
     causal = st.causal is not None
     offset = _linear(em, st.causal) if causal else 0
-    att = em.call(torch.ops.memattn.attention.default, q4, k4, v4, bias, mask, seed, scale, softcap, causal, offset,
-                  fill, keep, st.dropout_p, st.safe_softmax, kernel)
+    att = em.call(torch.ops.memattn.attention.default, *ops.attention_args(
+        q=q4, k=k4, v=v4, bias=bias, mask=mask, seed=seed, scale=scale, softcap=softcap, causal=causal,
+        causal_offset=offset, mask_fill=fill, mask_keep=keep, dropout_p=st.dropout_p, safe_softmax=st.safe_softmax,
+        kernel=kernel))
     out = em.call(operator.getitem, att, 0)
     if plan.n_batch == 2:
         out = em.call(aten.flatten.using_ints, out, 0, 1)
@@ -323,7 +325,7 @@ def output_layout(att: fx.Node, fake_mode) -> str:
     why = _mutated_or_returned(clone)
     if why is not None:
         return f"zhmd (the contiguous copy cannot alias the output: {why})"
-    new_args = tuple(att.args[:15]) + (OUT_ZMHD,)
+    new_args = ops.replace_args(att, out_layout=OUT_ZMHD)
     with fake_mode:
         new_val = att.target(*fx.node.map_arg(new_args, lambda n: n.meta.get("val")))
         tr_val = tr.target(new_val[0], *tr.args[1:])

@@ -228,8 +228,8 @@ def test_forward_only_graph_over_budget_is_a_note_not_a_failure():
 
 
 def _out_layouts(gm):
-    return [n.args[15] if len(n.args) > 15 else 0 for n in gm.graph.nodes
-            if n.target is torch.ops.memattn.attention.default]
+    from attn_compiler.ops import node_args
+    return [node_args(n)["out_layout"] for n in gm.graph.nodes if n.target is torch.ops.memattn.attention.default]
 
 
 def test_output_in_the_models_transposed_order_saves_its_contiguous_copy(monkeypatch):

@@ -259,3 +259,22 @@ def test_device_calls_skip_the_second_dispatch_and_nothing_else_does(monkeypatch
         others = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target not in ours]
         assert all(t is operator.getitem for t in others), gm.graph   # the op and its outputs, nothing inside it
     assert len(calls) == 1, calls
+
+
+def test_op_arguments_by_name():
+    """Graph passes build and read memattn.attention calls by argument name (ops.attention_args / node_args); the
+    names are the schema's, defaults are filled in, and a wrong or missing name is an error, not a shifted call."""
+    from attn_compiler import ops
+    assert ops.ARGS[:6] == ("q", "k", "v", "bias", "mask", "seed") and ops.ARGS[-1] == "out_layout"
+    named = dict(q="q", k="k", v="v", bias=None, mask=None, seed=None, scale=0.5, softcap=0.0, causal=True,
+                 causal_offset=2, mask_fill=-1.0, mask_keep=True, dropout_p=0.0, safe_softmax=False, kernel="auto")
+    args = ops.attention_args(**named)
+    assert len(args) == len(ops.ARGS) - 1 and args[ops.ARGS.index("causal_offset")] == 2   # out_layout left out
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.memattn.attention.default, args)
+    assert ops.node_args(node) == {**named, "out_layout": 0}
+    assert ops.replace_args(node, out_layout=1)[-1] == 1 and ops.replace_args(node, scale=2.0)[6] == 2.0
+    with pytest.raises(TypeError, match="no argument"):
+        ops.attention_args(**named, causal_ofset=1)
+    with pytest.raises(TypeError, match="'kernel' is required"):
+        ops.attention_args(**{k: v for k, v in named.items() if k != "kernel"})
