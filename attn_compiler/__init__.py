@@ -10,13 +10,14 @@ import warnings as _warnings
 
 def _log_from_env() -> None:
     """MEMATTN_LOG=info|debug (also warning, error) puts a stderr handler on the ``attn_compiler`` logger."""
-    want = _os.environ.get("MEMATTN_LOG", "").strip().lower()
-    if not want:
-        return
+    from attn_compiler import config
     levels = {"debug": _logging.DEBUG, "info": _logging.INFO, "warning": _logging.WARNING, "error": _logging.ERROR}
-    if want not in levels:
-        _warnings.warn(f"MEMATTN_LOG={want!r} is not one of {', '.join(levels)}; logging left unchanged",
-                       RuntimeWarning, stacklevel=3)
+    try:
+        want = config.read("MEMATTN_LOG")
+    except ValueError as e:
+        _warnings.warn(f"{e}; logging left unchanged", RuntimeWarning, stacklevel=3)
+        return
+    if not want:
         return
     logger = _logging.getLogger("attn_compiler")
     if not any(getattr(h, "_memattn_env", False) for h in logger.handlers):

@@ -6,6 +6,8 @@ import os
 import re
 from typing import Any, Optional, Union
 
+from attn_compiler import config
+
 KERNELS = ("auto", "triton", "reference")
 INNERS = ("auto", "eager", "inductor")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -90,7 +92,7 @@ def parse(options: Optional[dict] = None, mode: Optional[str] = None) -> Options
         raise ValueError(f"memattn: kernels must be one of {', '.join(map(repr, KERNELS))}; got {kernels!r}")
     if kernels == "triton":
         import torch
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if not torch.cuda.is_available() and not config.interpret():
             raise ValueError("memattn: kernels='triton' needs a CUDA device (or TRITON_INTERPRET=1 to run the "
                              "kernels in Triton's interpreter); use kernels='auto' to pick Triton when a GPU is "
                              "present and the reference implementation otherwise")

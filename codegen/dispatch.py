@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import warnings
 
 import torch
+
+from attn_compiler import config
 
 from . import launch, reference
 from .reference import Spec
@@ -56,7 +57,7 @@ def _wants_triton(q, kernel: str) -> bool:
         return False
     if q.is_cuda:
         return True
-    return kernel == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return kernel == "triton" and config.interpret()
 
 
 def _fallback(reason: str) -> None:
@@ -194,7 +195,7 @@ def _spec(scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p
 
 def _interpreted(q) -> bool:
     """TRITON_INTERPRET decides CPU tensors' plans (it is read only for them)."""
-    return not q.is_cuda and os.environ.get("TRITON_INTERPRET") == "1"
+    return not q.is_cuda and config.interpret()
 
 
 def attention(q, k, v, bias, mask, seed, scale, softcap, causal, causal_offset, mask_fill, mask_keep, dropout_p,

@@ -44,12 +44,13 @@ shorter than one key tile (chunks are multiples of ``CHUNK_ALIGN`` so that every
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+from attn_compiler import config
 
 from . import reference
 from . import triton_prefill as tp
@@ -249,7 +250,7 @@ def pdl_wanted(device) -> bool:
     was 0.3-0.8 us a step faster at every point, 6.9 against 7.3-7.5 us at batch 1 x 4k. (Before the one-pass
     combine it was within 1% either way.) Never under the interpreter (no griddepcontrol there), nor after a PDL
     launch failed in this process (forward() then warns once and launches plainly)."""
-    if os.environ.get("MEMATTN_PDL", "1") == "0" or tp._interpret() or _pdl_failed:
+    if config.read("MEMATTN_PDL") == "0" or config.interpret() or _pdl_failed:
         return False
     return tp.hopper_or_later(device)
 
@@ -411,7 +412,7 @@ def plan_forward(q, k, v, bias, mask, seed, spec: Spec, pdl: bool | None = None)
     else:
         split = tp.launch.Launch(_decode_split, lambda meta: grid, strides + args, named, config=dict(
             BLOCK_N=fixed["BLOCK_N"], num_warps=fixed["num_warps"], num_stages=fixed["num_stages"]),
-            pre_hook=tp.tma_block_hook, bindable=not tp._interpret())
+            pre_hook=tp.tma_block_hook, bindable=not config.interpret())
     plan = _Decode()
     plan.split = split
     if direct:
@@ -424,7 +425,7 @@ def plan_forward(q, k, v, bias, mask, seed, spec: Spec, pdl: bool | None = None)
             dict(BLOCK_S=all_splits if one_pass else _COMBINE_STEP, BLOCK_DV=block_dv,
                  SAFE_SOFTMAX=flags["SAFE_SOFTMAX"], NATURAL=flags["NATURAL"], PDL=pdl, ONE_PASS=one_pass,
                  **({"launch_pdl": True} if pdl else {})),
-            bindable=not tp._interpret())
+            bindable=not config.interpret())
     plan.spec, plan.pdl, plan.out_shape, plan.out_strides, plan.stats_shape = spec, pdl, out_shape, out_strides, \
         stats_shape
     plan.dtype, plan.device, plan.dummy = v.dtype, q.device, q.new_empty(1)

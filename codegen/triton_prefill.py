@@ -69,13 +69,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+from attn_compiler import config
 
 from . import launch, reference, tune_cache
 from .reference import Spec
@@ -905,14 +906,10 @@ def force_config(block_m: int = 16, block_n: int = 16, num_warps: int = 4, num_s
         launch.invalidate()
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _fixed_config():
     if _forced is not None:
         return _forced
-    if _interpret():
+    if config.interpret():
         return _INTERPRET_BLOCKS
     return None
 
@@ -950,7 +947,7 @@ def kernel_launch(tuned, grid, args: tuple, named: dict, n_tensors: int) -> laun
     positional arguments, its first ``n_tensors`` the call's tensors (given at each launch), and ``named`` the
     rest by name. Under a fixed tile (the interpreter, force_config) that tile is launched instead of the pick."""
     return launch.Launch(tuned, grid, args[n_tensors:], named, config=_fixed_config(), pre_hook=tma_block_hook,
-                         tuned_launch=launch_tuned, bindable=not _interpret())
+                         tuned_launch=launch_tuned, bindable=not config.interpret())
 
 
 # TMA (Hopper and later): the forward kernels' K/V tiles are copied by the tensor memory accelerator through a
@@ -961,10 +958,10 @@ _tma_failed = False
 
 
 def _tma_wanted(device) -> bool:
-    mode = os.environ.get("MEMATTN_TMA", "auto")
+    mode = config.read("MEMATTN_TMA")
     if TensorDescriptor is None or mode == "0" or _tma_failed:
         return False
-    if _interpret():
+    if config.interpret():
         return mode == "1"
     return hopper_or_later(device)
 
@@ -991,7 +988,7 @@ def _warp_spec_wanted() -> bool:
     Triton 3.6 on the H200 (sm_90) the kernel does not compile ("PassManager::run failed"; the launch then falls
     back to pointer loads without it, as any TMA failure does). Kept so that a later Triton can be measured with
     one variable (benchmarks/prefill.py) before it becomes a default or an autotune choice."""
-    return os.environ.get("MEMATTN_WS", "0") == "1"
+    return config.read("MEMATTN_WS") == "1"
 
 
 _CAUSAL_LOOPS = {"split": 0, "one": 1}
@@ -1004,12 +1001,8 @@ def _causal_loop(block_d: int) -> int:
     1.34x), 1.52x vs 1.40x at 4k; d = 64 level at 2k (1.31x / 1.30x) and behind at 4k (1.30x vs 1.35x). (A third
     walk, the masked tiles first, was within 2% of two loops everywhere and was dropped.) d = 256: level (the
     kernel alone, CUDA-graph timer: 1.286 vs 1.294 ms at 2k, 4.285 vs 4.302 ms at 8k), so it keeps two loops."""
-    name = os.environ.get("MEMATTN_CAUSAL_LOOP")
-    if name is None:
-        return _CAUSAL_LOOPS["one" if block_d == 128 else "split"]
-    if name not in _CAUSAL_LOOPS:
-        raise ValueError(f"MEMATTN_CAUSAL_LOOP={name!r}: expected one of {sorted(_CAUSAL_LOOPS)}")
-    return _CAUSAL_LOOPS[name]
+    name = config.read("MEMATTN_CAUSAL_LOOP")   # ValueError naming the loops for another name
+    return _CAUSAL_LOOPS[name or ("one" if block_d == 128 else "split")]
 
 
 def _tma_desc(t):
@@ -1065,7 +1058,7 @@ def supports(*args):
         _dout, q, k, v, _out, _stats, bias, mask, seed, spec, bias_grad = args
     else:
         return False, f"triton_prefill.supports takes 7 or 11 arguments, got {len(args)}"
-    if not (q.is_cuda or _interpret()):
+    if not (q.is_cuda or config.interpret()):
         return False, "tensors are not on a CUDA device (and TRITON_INTERPRET is not set)"
     if q.dtype not in _DTYPES:
         return False, f"unsupported dtype {q.dtype} (fp16, bf16, fp32 only)"
@@ -1096,7 +1089,7 @@ def supports(*args):
 def _dot_precision(dtype) -> str:
     if dtype == torch.float32:
         return "ieee"
-    if dtype == torch.bfloat16 and _interpret():
+    if dtype == torch.bfloat16 and config.interpret():
         return "upcast"
     return "tf32"
 

@@ -28,15 +28,17 @@ import logging
 import os
 import tempfile
 
+from attn_compiler import config
+
 log = logging.getLogger("attn_compiler")
 
 
 def enabled() -> bool:
-    return os.environ.get("MEMATTN_AUTOTUNE_CACHE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+    return config.read("MEMATTN_AUTOTUNE_CACHE") == "1" and not config.interpret()
 
 
 def cache_dir() -> str:
-    return os.environ.get("MEMATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memattn")
+    return config.cache_dir()
 
 
 @functools.lru_cache(maxsize=None)
