@@ -16,11 +16,12 @@ class Variable:
     default: str
     allowed: Optional[tuple]   # the values it takes; None for free text (a path)
     meaning: str
+    fold_case: bool = False   # compared stripped and lower-case ("INFO " is "info")
 
 
 VARIABLES = {v.name: v for v in (
     Variable("MEMATTN_LOG", "", ("", "debug", "info", "warning", "error"),
-             "a stderr handler on the attn_compiler logger at this level"),
+             "a stderr handler on the attn_compiler logger at this level", fold_case=True),
     Variable("MEMATTN_CACHE_DIR", "", None,
              "where autotune picks are kept across processes (unset: ~/.cache/memattn)"),
     Variable("MEMATTN_AUTOTUNE_CACHE", "1", ("0", "1"), "0: neither read nor write autotune picks on disk"),
@@ -43,7 +44,7 @@ def read(name: str) -> str:
     value = os.environ.get(name)
     if value is None:
         return var.default
-    if name == "MEMATTN_LOG":
+    if var.fold_case:
         value = value.strip().lower()
     if var.allowed is not None and value not in var.allowed:
         shown = ", ".join(repr(a) for a in sorted(a for a in var.allowed if a))

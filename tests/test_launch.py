@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 
-import attn_compiler.ops  # noqa: F401  registers torch.ops.memattn.attention
+from attn_compiler import ops  # also registers torch.ops.memattn.attention
 from attn_compiler.codegen import dispatch, launch, reference
 
 
@@ -203,9 +203,8 @@ def test_every_scalar_of_the_call_is_part_of_its_signature(change):
     def call(**over):
         s = {**base, **over}
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out = torch.ops.memattn.attention(*leaves, None, mask, None, s["scale"], s["softcap"], s["causal"],
-                                          s["causal_offset"], s["mask_fill"], s["mask_keep"], s["dropout_p"],
-                                          s["safe_softmax"], "reference")[0]
+        out = torch.ops.memattn.attention(*ops.attention_args(q=leaves[0], k=leaves[1], v=leaves[2], bias=None,
+                                                              mask=mask, seed=None, kernel="reference", **s))[0]
         out.backward(torch.ones_like(out))
         return [out.detach().nan_to_num(7.0)] + [t.grad.nan_to_num(7.0) for t in leaves]
     first = call(**({"causal_offset": -3} if "safe_softmax" in change else {}))

@@ -268,7 +268,8 @@ def test_memattn_log_env(value, expect):
 
 def test_memattn_log_env_invalid_value_warns(monkeypatch):
     monkeypatch.setenv("MEMATTN_LOG", "loud")
-    with pytest.warns(RuntimeWarning, match="MEMATTN_LOG='loud': expected one of 'debug', 'error', 'info', 'warning' or unset"):
+    with pytest.warns(RuntimeWarning,
+                      match="MEMATTN_LOG='loud': expected one of 'debug', 'error', 'info', 'warning' or unset"):
         attn_compiler._log_from_env()
 
 
