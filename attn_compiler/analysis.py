@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import operator
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import sympy
 import torch

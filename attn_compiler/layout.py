@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx

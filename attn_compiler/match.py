@@ -224,8 +224,8 @@ def _check_no_mutation(graph: fx.Graph, first: fx.Node, last: fx.Node, chain: se
             inside = True
         elif node is last:
             return
-        elif inside and node not in chain and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-                and node.target._schema.is_mutable:
+        elif (inside and node not in chain and node.op == "call_function"
+              and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable):
             raise Reject(f"{node.name} ({node.target}) mutates a tensor between the two matmuls")
 
 

@@ -9,7 +9,6 @@ from typing import Optional
 import sympy
 
 from attn_compiler.analysis import CAVEATS, Bytes, Plan
-from attn_compiler.site import Site
 
 log = logging.getLogger("attn_compiler")
 

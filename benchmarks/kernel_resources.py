@@ -11,7 +11,9 @@ this is how the backward spaces of codegen/triton_prefill.py got spill-light can
 is still the GPU benchmark's call (benchmarks/prefill.py --configs): this only says which tiles are worth timing.
 
 --sass also counts the instructions of the compiled code (cuobjdump, shipped with Triton next to ptxas): all, and
-the classes the softmax spends its time in (FMUL, FFMA, FADD, MUFU = exp2, FMNMX, FSEL) against HGMMA (the MMAs).
+the classes the softmax spends its time in (FMUL, FFMA, FADD, MUFU = exp2, FMNMX, FSEL) against HGMMA (the MMAs),
+and prints a digest of the code itself: a refactor that should not change a kernel shows the same digests
+(``--sass --all-flags`` before and after, then diff the two outputs).
 Static counts, not time, but the same kernel with a flag flipped (--set NAME=VALUE overrides a constexpr) shows what
 a change removes from the code; e.g. FUSE_SCALE=0 vs 1.
 
@@ -24,6 +26,7 @@ triton==3.6.0``, then ``PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -97,11 +100,29 @@ def signature(kernel, consts: dict, d: int) -> tuple[dict, dict, dict]:
     return sig, values, attrs
 
 
+# --all-flags: one build per code path a refactor could touch (each set over flags()'s plain call, first candidate
+# tile only). TMA is left out: its descriptors are not pointer arguments this script can type.
+FLAG_SETS = {
+    "plain": {},
+    "causal": dict(IS_CAUSAL=True),
+    "causal1": dict(IS_CAUSAL=True, CAUSAL_LOOP=1),
+    "ragged": dict(EVEN_M=False, EVEN_N=False, EVEN_D=False, EVEN_DV=False),
+    "mask": dict(HAS_MASK=True, NATURAL=True, FUSE_SCALE=False, IS_CAUSAL=True),
+    "maskdrop": dict(HAS_MASK=True, MASK_KEEP=False, NATURAL=True, FUSE_SCALE=False, EVEN_M=False),
+    "bias": dict(HAS_BIAS=True, NATURAL=True, FUSE_SCALE=False, HAS_DBIAS=True),
+    "biasrow": dict(HAS_BIAS=True, NATURAL=True, FUSE_SCALE=False, HAS_DBIAS=True, DB_SUM_M=True, EVEN_N=False),
+    "softcap": dict(SOFTCAP=True, FUSE_SCALE=False, SAFE_SOFTMAX=True),
+    "dropout": dict(HAS_DROPOUT=True, IS_CAUSAL=True),
+    "direct": dict(DIRECT=True, SAFE_SOFTMAX=True),
+}
+
 SASS_CLASSES = ("FMUL", "FFMA", "FADD", "MUFU", "FMNMX", "FSEL", "HGMMA")
 
 
 def sass_counts(cubin: bytes, arch: int) -> dict:
-    """Instruction counts of a cubin: 'all', and per opcode (the mnemonic before its first dot)."""
+    """Instruction counts of a cubin: 'all', per opcode (the mnemonic before its first dot), and 'digest': a hash of
+    every instruction with its operands in order (not the kernel's name or line info), so that two builds of a
+    kernel compare equal exactly when their machine code is the same."""
     from triton.backends.nvidia.compiler import get_ptxas
     tool = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +131,8 @@ def sass_counts(cubin: bytes, arch: int) -> dict:
             f.write(cubin)
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
-    counts = {"all": len(ops)}
+    code = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", sass, re.M)
+    counts = {"all": len(ops), "digest": hashlib.sha1("\n".join(code).encode()).hexdigest()[:12]}
     for op in ops:
         counts[op] = counts.get(op, 0) + 1
     return counts
@@ -181,25 +203,33 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (sm_90a), 80")
     ap.add_argument("--extra", nargs="*", default=[], help="more tiles: d,BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--sass", action="store_true", help="also count instructions (see above)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexpr flags (bool, int or string)")
+    ap.add_argument("--all-flags", action="store_true",
+                    help="every FLAG_SETS entry on each kernel's first candidate tile (implies --sass)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="override constexpr flags (bool, int or string)")
     a = ap.parse_args(argv)
     overrides = parse_overrides(a.set)
+    sets = FLAG_SETS if a.all_flags else {"": {}}
+    a.sass = a.sass or a.all_flags
     print(f"# triton {triton.__version__}, sm_{a.arch}, bf16, bucket {a.bucket}, "
           f"{'causal' if a.causal else 'not causal'}, pointer loads")
     if overrides:
         print(f"# flags set: {overrides}")
     head = f"{'kernel':6} {'d':>3} {'tile':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'spill B':>7} {'smem KiB':>8}"
-    print(head + ("".join(f" {c:>6}" for c in ("all",) + SASS_CLASSES) if a.sass else ""))
+    columns = ("all",) + SASS_CLASSES + ("digest",)
+    print(head + ("".join(f" {c:>6}" for c in columns) if a.sass else "") + (" flags" if a.all_flags else ""))
     for name in a.kernel:
         kernel = KERNELS[name][0]
         for d in a.d:
-            for d_, bm, bn, w, s in candidates(name, d, a.bucket, a.causal, a.extra):
-                consts = dict(flags(d_, a.causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=bm, **overrides)
-                r = resources(kernel, consts, w, s, a.arch, sass=a.sass)
-                tile = f"{bm}x{bn}"
-                counts = "".join(f" {r['sass'].get(c, 0):>6}" for c in ("all",) + SASS_CLASSES) if a.sass else ""
-                print(f"{name:6} {d_:>3} {tile:>7} {w:>5} {s:>6} {r['regs']:>4} {r['spill_bytes']:>7} "
-                      f"{r['shared'] / 1024:>8.1f}{counts}", flush=True)
+            tiles = candidates(name, d, a.bucket, a.causal, a.extra)
+            for set_name, flag_set in sets.items():
+                for d_, bm, bn, w, s in tiles[:1] if a.all_flags else tiles:
+                    consts = dict(flags(d_, a.causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=bm, **flag_set, **overrides)
+                    r = resources(kernel, consts, w, s, a.arch, sass=a.sass)
+                    tile = f"{bm}x{bn}"
+                    counts = "".join(f" {r['sass'].get(c, 0):>6}" for c in columns) if a.sass else ""
+                    print(f"{name:6} {d_:>3} {tile:>7} {w:>5} {s:>6} {r['regs']:>4} {r['spill_bytes']:>7} "
+                          f"{r['shared'] / 1024:>8.1f}{counts} {set_name}".rstrip(), flush=True)
     return 0
 
 

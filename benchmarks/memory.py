@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import math
 import os
 import sys
 import time
@@ -96,7 +95,7 @@ def run_one(args, n, provider, budget=None):
     if provider.startswith("memattn"):
         report = attn_compiler.last_report()
     notes = [str(w.message) for w in caught if "memattn" in str(w.message)]
-    del model, idx
+    model = idx = None   # frees them (the step closure holds the cells)
     return peak, sec, first, report, notes
 
 

@@ -105,7 +105,7 @@ def run(args, model: str, n: int, provider: str):
             sync(args)
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else float("nan")
-    del net, fn
+    net = fn = None   # frees them (the step closure holds the cells)
     return statistics.median(times), first, peak
 
 

@@ -27,7 +27,6 @@ GQA: q has H heads, k and v have Hkv heads, H % Hkv == 0, query head h reads kv 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch

@@ -100,7 +100,8 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats, KDesc, VDesc,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + off_z * stride_qz + off_h[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (Q + off_z * stride_qz + off_h[:, None] * stride_qh + rows[:, None] * stride_qm
+              + offs_d[None, :] * stride_qd)
     if EVEN_D:
         q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
     else:
@@ -140,10 +141,11 @@ def _decode_split(Q, K, V, Bias, Mask, Acc, ML, Out, Stats, KDesc, VDesc,
 
 
 @triton.jit
-def _write_rows(acc, l_b, l, m, o_ptrs, o_mask, st_ptrs, st_mask, ZHM, SAFE_SOFTMAX: tl.constexpr,
+def _write_rows(acc, l_b, l_row, m, o_ptrs, o_mask, st_ptrs, st_mask, ZHM, SAFE_SOFTMAX: tl.constexpr,
                 NATURAL: tl.constexpr):
-    """out = acc / l and the stats (row max in natural units, log l) of finished rows. ``l_b`` is ``l`` shaped to
-    broadcast against ``acc``. l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives (0 with SAFE_SOFTMAX)."""
+    """out = acc / l and the stats (row max in natural units, log l) of finished rows. ``l_b`` is ``l_row`` shaped
+    to broadcast against ``acc``. l == 0 (no key anywhere): 0/0 = NaN, as eager's softmax gives (0 with
+    SAFE_SOFTMAX)."""
     o = acc / l_b
     if SAFE_SOFTMAX:
         o = tl.where(l_b == 0.0, 0.0, o)
@@ -153,7 +155,7 @@ def _write_rows(acc, l_b, l, m, o_ptrs, o_mask, st_ptrs, st_mask, ZHM, SAFE_SOFT
         m_nat = m * 0.6931471805599453
     tl.store(o_ptrs, o.to(o_ptrs.dtype.element_ty), mask=o_mask)
     tl.store(st_ptrs, m_nat, mask=st_mask)
-    tl.store(st_ptrs + ZHM, tl.log2(l) * 0.6931471805599453, mask=st_mask)
+    tl.store(st_ptrs + ZHM, tl.log2(l_row) * 0.6931471805599453, mask=st_mask)
 
 
 @triton.jit
@@ -184,7 +186,7 @@ def _decode_combine(Acc, ML, Out, Stats,
         a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=live[:, None], other=0.0)
         m = tl.max(m_s, 0)
         w = tp._exp_diff(m_s, tl.where(m == float("-inf"), 0.0, m), NATURAL)  # an empty split weighs exactly 0
-        l = tl.sum(l_s * w, 0)
+        l_sum = tl.sum(l_s * w, 0)
         acc = tl.sum(a * w[:, None], 0)
     else:
         m_blk = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
@@ -203,10 +205,10 @@ def _decode_combine(Acc, ML, Out, Stats,
             l_blk += tl.load(ML + 2 * ws + 1, mask=s < SPLITS, other=0.0) * w
             a = tl.load(Acc + ws[:, None] * BLOCK_DV + offs_dv[None, :], mask=(s < SPLITS)[:, None], other=0.0)
             acc += tl.sum(a * w[:, None], 0)
-        l = tl.sum(l_blk, 0)
+        l_sum = tl.sum(l_blk, 0)
     o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + row * stride_om + offs_dv * stride_od
     st = (off_z * (HKV * G) + off_h) * M + row   # stats [2, Z, H, M]
-    _write_rows(acc, l, l, m, o_ptrs, offs_dv < DV, Stats + st, True, ZHM, SAFE_SOFTMAX, NATURAL)
+    _write_rows(acc, l_sum, l_sum, m, o_ptrs, offs_dv < DV, Stats + st, True, ZHM, SAFE_SOFTMAX, NATURAL)
 
 
 def _cfg(bn, w, s):

@@ -434,8 +434,8 @@ def _attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bias_base, mask_base, dbias_base, seed, off_zh,
-                col_mul, offs_n, offs_m0, offs_d, offs_dv, lo, hi,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, Stats, zh_m, ZHM, delta_base, bias_base, mask_base, dbias_base, seed,
+                off_zh, col_mul, offs_n, offs_m0, offs_d, offs_dv, lo, hi,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_mm, stride_mn,
                 stride_dbm, stride_dbn, M, N, D, DV,
                 qk_scale, softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, scale,

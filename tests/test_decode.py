@@ -22,7 +22,7 @@ import torch
 import attn_compiler
 from attn_compiler.codegen import dispatch, reference
 from attn_compiler.codegen.reference import Spec
-from test_triton_prefill import BUDGET, eager, rel_err  # the same eager attention and error measure as prefill's
+from helpers import BUDGET, eager, rel_err  # the same eager attention and error measure as prefill's
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -62,7 +62,8 @@ def run_case(z, h, hkv, m, n, d, dtype=F32, *, bias=None, mask=None, layout="bhs
     else:
         kb, vb = (torch.randn(z, hkv, total, d, generator=g) for _ in range(2))
     k, v = kb[:, :, :n], vb[:, :, :n]
-    dev = lambda t, dt=dtype: None if t is None else t.to(DEV, dt if t.dtype.is_floating_point else t.dtype)
+    def dev(t, dt=dtype):
+        return None if t is None else t.to(DEV, dt if t.dtype.is_floating_point else t.dtype)
     truth, _ = reference.attention_forward(q.double(), k.double(), v.double(),
                                                 None if bias is None else bias.double(), mask, None, sp)
     want = eager(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-import attn_compiler
 from attn_compiler.models import GPT, GPTConfig
 from helpers import check_model
 

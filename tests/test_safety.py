@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import attn_compiler
 from helpers import check_against_eager
 
 

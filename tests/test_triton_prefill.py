@@ -25,21 +25,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from attn_compiler.codegen import reference, rng  # noqa: E402
+from attn_compiler.codegen import reference  # noqa: E402
 from attn_compiler.codegen.reference import Spec  # noqa: E402
-from helpers import NEAR_ONE_HOT_SPECS, near_one_hot_bf16_case  # noqa: E402
+from helpers import (BUDGET, NEAR_ONE_HOT_SPECS, eager, keep_full, mismatch, near_one_hot_bf16_case,  # noqa: E402
+                     rel_err)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-# dtype -> (K forward, K backward, floor): kernel_err <= K * eager_err + floor (relative Frobenius errors)
-BUDGET = {
-    torch.float32: (4.0, 4.0, 2e-5),
-    torch.float16: (2.0, 3.0, 1e-4),
-    torch.bfloat16: (2.0, 3.0, 1e-3),
-}
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
@@ -81,58 +76,6 @@ def _tiles(tp, bm=16, bn=16):
 # ------------------------------------------------------------------------------------------------- eager + truth
 
 
-def eager(q, k, v, bias, mask, seed, spec: Spec):
-    """Plain eager attention with every feature, materialising the M x N scores (tiny shapes only)."""
-    z, h, m, _ = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    k = k.repeat_interleave(h // hkv, 1)
-    v = v.repeat_interleave(h // hkv, 1)
-    s = (q @ k.transpose(-1, -2)) * spec.scale
-    if spec.softcap != 0:
-        s = spec.softcap * torch.tanh(s / spec.softcap)
-    if bias is not None:
-        s = s + bias
-    if mask is not None:
-        s = s.masked_fill(~mask if spec.mask_keep else mask, spec.mask_fill)
-    if spec.causal:
-        rows = torch.arange(m, device=q.device).view(-1, 1)
-        cols = torch.arange(n, device=q.device).view(1, -1)
-        s = s.masked_fill(cols > rows + spec.causal_offset, float("-inf"))
-    p = torch.softmax(s, -1)
-    if spec.safe_softmax:
-        p = torch.where((s == float("-inf")).all(-1, keepdim=True), torch.zeros_like(p), p)
-    if spec.dropout_p > 0:
-        p = p * (keep_full(z, h, m, n, seed, spec.dropout_p, q.device).to(p.dtype) / (1 - spec.dropout_p))
-    return p @ v
-
-
-def keep_full(z, h, m, n, seed, p, device):
-    zh = torch.arange(z * h, device=device).view(z, h, 1, 1)
-    rows = torch.arange(m, device=device).view(-1, 1)
-    cols = torch.arange(n, device=device)
-    return rng.keep_mask(rng.row_hash(int(seed), zh, rows), cols, p)
-
-
-def rel_err(got, want):
-    got, want = got.double(), want.double()
-    assert torch.equal(torch.isnan(got), torch.isnan(want)), mismatch("NaN pattern", got, want)
-    assert torch.equal(torch.isinf(got), torch.isinf(want)), mismatch("inf pattern", got, want)
-    fin = torch.isfinite(want)
-    num = (got - want)[fin].norm()
-    # a gradient that is 0 in exact arithmetic (one key: p = 1, ds = 0) has only rounding left: measure it
-    # against an O(1) scale instead of its own near-zero norm
-    den = want[fin].norm() + 0.1 * math.sqrt(max(int(fin.sum()), 1))
-    return (num / den).item()
-
-
-def mismatch(what, got, want, n=5):
-    bad = (torch.isnan(got) != torch.isnan(want)) | ((got - want).abs() > 1e-2 * (want.abs() + 1e-2))
-    idx = bad.nonzero()[:n].tolist()
-    lines = [f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first:"]
-    lines += [f"  {tuple(i)}: got {got[tuple(i)].item():.6g} want {want[tuple(i)].item():.6g}" for i in idx]
-    return "\n".join(lines)
-
-
 def make(dtype, z=1, h=2, hkv=None, m=17, n=17, d=32, dv=None, strided=False, gen=None):
     hkv = hkv or h
     dv = dv or d
@@ -169,7 +112,8 @@ def check(tp, q, k, v, bias, mask, spec: Spec, seed=None, bias_grad=False, backw
     e_out = eager(q, k, v, bias, mask, seed, spec)
     e_err = rel_err(e_out, t_out)
     k_err = rel_err(out, t_out)
-    assert k_err <= kf * e_err + floor, f"out: kernel {k_err:.3g} vs eager {e_err:.3g}\n" + mismatch("out", out.double(), t_out)
+    assert k_err <= kf * e_err + floor, (f"out: kernel {k_err:.3g} vs eager {e_err:.3g}\n"
+                                         + mismatch("out", out.double(), t_out))
     assert rel_err(lse.sum(0), t_lse.sum(0)) <= 1e-5, mismatch("logsumexp", lse.sum(0).double(), t_lse.sum(0))
     if not backward:
         return
