@@ -562,7 +562,7 @@ def _free_dead(values: Values, node, live: set, keep, hold, tally: Tally) -> Non
 
 
 @dataclasses.dataclass
-class Plan:
+class RecomputeSet:
     """Recompute decisions as the training model sees them: values rebuilt in backward instead of kept."""
     recompute: set = dataclasses.field(default_factory=set)   # forward nodes re-run in backward
 
@@ -581,7 +581,7 @@ def _recompute_closure(values: Values, node: fx.Node, recompute: set, held: set,
                 held.add((sid, first_reader))
 
 
-def training_peak(values: Values, rg: dict, saved: Saved, hints: dict, plan: Optional[Plan] = None,
+def training_peak(values: Values, rg: dict, saved: Saved, hints: dict, plan: Optional[RecomputeSet] = None,
                   symbolic: bool = True) -> Peak:
     """Forward with saved tensors kept, then eager autograd's backward, in reverse op order (see module doc)."""
     recompute = plan.recompute if plan else set()
@@ -760,7 +760,7 @@ class Model:
     saved: Saved
     hints: dict
 
-    def peak(self, plan: Optional[Plan] = None, symbolic: bool = False) -> Peak:
+    def peak(self, plan: Optional[RecomputeSet] = None, symbolic: bool = False) -> Peak:
         return training_peak(self.values, self.rg, self.saved, self.hints, plan, symbolic)
 
 

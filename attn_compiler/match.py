@@ -1,7 +1,7 @@
 """Finding attention sites in the lowered ATen graph.
 
 Anchor: every softmax. From it the matcher walks back to the QK^T matmul and forward to the PV matmul, handing
-each op on the way to the pattern family that owns it (patterns/*.py). A candidate becomes a ``Plan`` only when
+each op on the way to the pattern family that owns it (patterns/*.py). A candidate becomes a ``SiteMatch`` only when
 every step is proven equivalent; otherwise the first reason it cannot be is kept for the report.
 """
 from __future__ import annotations
@@ -14,13 +14,12 @@ import torch.fx as fx
 
 from attn_compiler.layout import (Factor, Traced, Untrackable, apply_layout_op, drop_unit, is_layout_op, known_eq,
                                   shape_of, trace_back, val)
-from attn_compiler.patterns import causal, dropout, gqa, masked, plain, scaled, softcap
+from attn_compiler import patterns
 from attn_compiler.patterns.common import Operand, ScoreState
 from attn_compiler.site import Reject
 
 aten = torch.ops.aten
 
-SCORE_HANDLERS = {**scaled.HANDLERS, **masked.HANDLERS, **softcap.HANDLERS}
 # In-place spellings on the scores (Falcon's ``scores /= sqrt(d)``, ``scores.masked_fill_(...)``). Folded like their
 # functional forms when the tensor they mutate is the previous chain value and has no other user: then the
 # mutation is invisible outside the chain, and the chain (in-place nodes included) is removed by the rewrite.
@@ -37,7 +36,7 @@ SHAPE_READERS = (aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
 
 
 @dataclasses.dataclass
-class Plan:
+class SiteMatch:
     softmax: fx.Node
     qk: fx.Node
     pv: fx.Node
@@ -69,7 +68,7 @@ def _score_paths(x: fx.Node):
             return
         if node.op != "call_function":
             return
-        if node.target in plain.QK_MATMULS:
+        if node.target in patterns.QK_MATMULS:
             paths.append([(node, None)] + path)
             return
         if is_layout_op(node) or node.target in SCORE_CASTS:
@@ -78,13 +77,11 @@ def _score_paths(x: fx.Node):
         if node.target in INPLACE and _tensor_args(node) and _tensor_args(node)[0][0] == 0:
             walk(node.args[0], [(node, 0)] + path, depth + 1)  # only the mutated self may be the chain
             return
-        if node.target in SCORE_HANDLERS:
+        if node.target in patterns.SCORE_HANDLERS:
+            through = patterns.SCORE_OPERANDS.get(node.target)
             for i, a in _tensor_args(node):
-                if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and i == 0:
-                    continue
-                if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and i != 0:
-                    continue
-                walk(a, [(node, i)] + path, depth + 1)
+                if through is None or i in through:
+                    walk(a, [(node, i)] + path, depth + 1)
 
     walk(x, [], 0)
     return paths
@@ -149,13 +146,14 @@ def _walk_scores(path, softmax: fx.Node) -> tuple[ScoreState, list, int]:
             except Untrackable as e:
                 raise Reject(f"the scores are reshaped in a way that mixes axes ({e})")
             continue
-        SCORE_HANDLERS[INPLACE.get(node.target, node.target)](node, arg, st)
+        patterns.SCORE_HANDLERS[INPLACE.get(node.target, node.target)](node, arg, st)
     _only_user(path[-1][0], softmax)
     return st, nodes, n_b
 
 
 def _walk_probs(softmax: fx.Node, st: ScoreState):
-    """softmax -> casts/dropout/layout -> PV matmul. Returns (pv, prob operand, nodes, dims)."""
+    """softmax -> casts, layout and the families' probability ops (dropout) -> PV matmul. Returns (pv, prob
+    operand, nodes, dims)."""
     dims = st.dims
     node = softmax
     nodes = [softmax]
@@ -164,19 +162,14 @@ def _walk_probs(softmax: fx.Node, st: ScoreState):
         if len(users) != 1:
             _only_user(node, None)
         nxt = users[0]
-        if nxt.target in plain.PV_MATMULS:
+        if nxt.target in patterns.PV_MATMULS:
             if nxt.args[0] is not node:
                 raise Reject("the probabilities are the right operand of the PV matmul")
             return nxt, node, nodes, dims
-        if nxt.target in dropout.DROPOUT_OPS:
-            p, after = dropout.on_native_dropout(nxt)
-            if p > 0:
-                if st.dropout_p > 0:
-                    raise Reject("dropout applied twice to the probabilities")
-                st.dropout_p = p
-                st.tag("dropout")
-            nodes += [nxt, after]
-            node = after
+        if nxt.target in patterns.PROB_HANDLERS:
+            taken = patterns.PROB_HANDLERS[nxt.target](nxt, st)
+            nodes += taken
+            node = taken[-1]
             continue
         if is_layout_op(nxt) or nxt.target in (aten._to_copy.default, aten.to.dtype):
             if not is_layout_op(nxt) and not val(nxt).dtype.is_floating_point:
@@ -203,7 +196,7 @@ def _canonical_q(q: Traced, n_b: int):
 
 
 def _canonical_kv(t: Traced, q_batch, head_pos: int, seq_dim: int, feat_dim: int, what: str):
-    aligned = gqa.align(q_batch, drop_unit(t.dims[0]), head_pos, what)
+    aligned = patterns.align_kv(q_batch, drop_unit(t.dims[0]), head_pos, what)
     grouped = None
     out = []
     for entry in aligned:
@@ -229,9 +222,9 @@ def _check_no_mutation(graph: fx.Graph, first: fx.Node, last: fx.Node, chain: se
             raise Reject(f"{node.name} ({node.target}) mutates a tensor between the two matmuls")
 
 
-def match_at(softmax: fx.Node) -> Plan:
+def match_at(softmax: fx.Node) -> SiteMatch:
     x = softmax.args[0]
-    dim = plain.softmax_dim(softmax)
+    dim = patterns.softmax_dim(softmax)
     paths = _score_paths(x)
     if not paths:
         raise Reject("no q @ k^T matmul feeds this softmax through ops the pattern families know")
@@ -244,7 +237,7 @@ def match_at(softmax: fx.Node) -> Plan:
     raise Reject(first_reason)
 
 
-def _plan(path, softmax: fx.Node, dim: int) -> Plan:
+def _plan(path, softmax: fx.Node, dim: int) -> SiteMatch:
     st, score_nodes, n_b = _walk_scores(path, softmax)
     rank = len(st.dims)
     d = dim + rank if dim < 0 else dim
@@ -268,92 +261,15 @@ def _plan(path, softmax: fx.Node, dim: int) -> Plan:
     head_pos = len(q_batch) - 1
     k_targets, k_group = _canonical_kv(k, q_batch, head_pos, 2, 1, "k")
     v_targets, v_group = _canonical_kv(v, q_batch, head_pos, 1, 2, "v")
-    if (k_group is None) != (v_group is None) or (
-            k_group is not None and not known_eq(k_group.size, v_group.size)):
-        raise Reject("k and v are repeated to the query heads differently")
-    ratio = 1
-    if k_group is not None:
-        ratio = "MQA" if k_group.broadcast else "GQA"
-        st.tag("gqa")
+    ratio = patterns.group_ratio(k_group, v_group, st)
     st.scale = q.scale + k.scale + st.scale
     if q.scale or k.scale:
         st.tag("scaled")
     _check_no_mutation(softmax.graph, qk, pv, {n for n in score_nodes if n.target in INPLACE})
     canon = [None] * (2 - n_b) + [("b", i) for i in range(n_b)] + [("m",), ("n",)]
-    _find_causal(st, m_size, n_size)
-    return Plan(softmax, qk, pv, q, k, v, q_targets, k_targets, v_targets, n_b, st,
+    patterns.finish(st, m_size, n_size)
+    return SiteMatch(softmax, qk, pv, q, k, v, q_targets, k_targets, v_targets, n_b, st,
                 score_nodes + prob_nodes, canon, ratio, val(prob).dtype)
-
-
-def _lin_value(lin: dict, extra=0):
-    expr = extra
-    for key, c in lin.items():
-        expr = expr + c * (1 if key == 1 else val(key))
-    return expr
-
-
-def _nonneg(expr) -> bool:
-    if isinstance(expr, int):
-        return expr >= 0
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-    return bool(statically_known_true(expr >= 0))
-
-
-def _known_nonneg(lin: dict) -> bool:
-    return _nonneg(_lin_value(lin))
-
-
-def _big_negative(fill) -> bool:
-    return fill == float("-inf") or fill <= -1e30 or fill in (
-        torch.finfo(torch.float16).min, torch.finfo(torch.bfloat16).min)
-
-
-def _find_causal(st: ScoreState, m_size, n_size) -> None:
-    """Replace masks proven causal by the kernel's causal flag, when that gives exactly eager's result.
-
-    The flag puts -inf above the diagonal where the mask put its fill. With a -inf fill that is the same thing.
-    With a finite fill (finfo.min) it is the same only while every row keeps a key: a row masked everywhere gives
-    a uniform row in eager but NaN with the flag. So a finite fill needs a proof that the mask keeps a key in every
-    row, and no other mask or bias on the site (one could push a row's kept keys down to the fill: a padding mask).
-    A mask that is causal AND more (a sliding window) implies the flag but is still passed as a tensor.
-    """
-    for group, additive in ((st.masks, False), (st.biases, True)):
-        for op in list(group):
-            if additive and op.coef != 1:
-                continue
-            exact = causal.causal_offset(op.node, op.dims, op.keep, additive)
-            implied = None if exact is not None else causal.implied_causal(op.node, op.dims, op.keep, additive)
-            if exact is None and implied is None:
-                continue
-            offset, fill = exact if exact is not None else implied[:2]
-            if not additive:
-                fill = op.fill
-            if not _big_negative(fill):
-                st.causal_note = f"mask is causal but its fill {fill} is not -inf or the dtype minimum"
-                continue
-            if fill != float("-inf"):
-                if [o for o in st.masks + st.biases if o is not op]:
-                    st.causal_note = ("causal mask with a finite fill next to another mask or bias (which could mask "
-                                      "whole rows): passed as a tensor")
-                    continue
-                if exact is not None and not _known_nonneg(offset):
-                    st.causal_note = "causal mask with a finite fill may mask whole rows: passed as a tensor"
-                    continue
-                diagonal = None if exact is not None else implied[2]
-                if exact is None and (diagonal is None or not all(_known_nonneg(d) for d in diagonal)
-                                      or not _known_nonneg(offset)
-                                      or not _nonneg(_lin_value({k: -c for k, c in offset.items()},
-                                                                n_size - m_size))):
-                    st.causal_note = "mask implies causal but may mask whole rows: passed as a tensor only"
-                    continue
-            if st.causal is not None and st.causal != offset:
-                continue
-            st.causal = offset
-            if exact is not None:
-                group.remove(op)
-                st.tag("causal")
-            else:
-                st.tag("causal(+mask)")
 
 
 def _is_weight(node) -> bool:
@@ -375,7 +291,7 @@ def _attention_like(softmax: fx.Node, depth: int = 12) -> bool:
             if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
                 continue
             seen.add(node)
-            if node.target in plain.QK_MATMULS:
+            if node.target in patterns.QK_MATMULS:
                 return True
             if node.target in (aten.mm.default, aten.addmm.default):
                 a, b = node.args[-2:]
@@ -387,7 +303,7 @@ def _attention_like(softmax: fx.Node, depth: int = 12) -> bool:
             return True  # too far to tell: keep it a candidate, so its reason is reported
     node = softmax
     for _ in range(depth):
-        if any(u.target in plain.PV_MATMULS for u in data_users(node)):
+        if any(u.target in patterns.PV_MATMULS for u in data_users(node)):
             return True
         if len(data_users(node)) != 1:
             return False
@@ -396,9 +312,9 @@ def _attention_like(softmax: fx.Node, depth: int = 12) -> bool:
 
 
 def find_candidates(gm: fx.GraphModule):
-    """Yields (softmax node, Plan or Reject) for every softmax in the graph that could be attention."""
+    """Yields (softmax node, SiteMatch or Reject) for every softmax in the graph that could be attention."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in plain.SOFTMAX_OPS and _attention_like(node):
+        if node.op == "call_function" and node.target in patterns.SOFTMAX_OPS and _attention_like(node):
             try:
                 yield node, match_at(node)
             except Reject as e:

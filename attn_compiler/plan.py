@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from attn_compiler import analysis
-from attn_compiler.analysis import Bytes, Plan, fmt_bytes
+from attn_compiler.analysis import Bytes, RecomputeSet, fmt_bytes
 from attn_compiler.site import user_location
 
 log = logging.getLogger("attn_compiler")
@@ -193,7 +193,7 @@ def choose(model: analysis.Model, budget: int, peak_now: int) -> Outcome:
         kept |= need
         estimate -= gain
         if estimate <= budget or not heap:
-            peak = estimate = model.peak(Plan(recompute)).bytes.at()
+            peak = estimate = model.peak(RecomputeSet(recompute)).bytes.at()
         producer = values.storages[sid].producer
         chosen.append(Checkpoint(
             value=producer.name, op=str(analysis._packet(producer)), location=user_location(producer)[0],
@@ -201,7 +201,7 @@ def choose(model: analysis.Model, budget: int, peak_now: int) -> Outcome:
             bytes_saved=Bytes(values.storages[sid].bytes - sympy.Add(*[values.storages[s].bytes for s in need]),
                               hints),
             flops=Bytes(sympy.Add(*[analysis.flops(n) for n in nodes]), hints)))
-    peak = model.peak(Plan(recompute)).bytes.at() if chosen else peak
+    peak = model.peak(RecomputeSet(recompute)).bytes.at() if chosen else peak
     out = Outcome(budget, chosen, peak, peak <= budget, recompute=recompute)
     if not out.fits:
         out.note = (f"no recompute plan fits {fmt_bytes(budget)} (memory_budget less any device reserve): "

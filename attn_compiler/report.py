@@ -8,7 +8,7 @@ from typing import Optional
 
 import sympy
 
-from attn_compiler.analysis import CAVEATS, Bytes, Plan
+from attn_compiler.analysis import CAVEATS, Bytes, RecomputeSet
 
 log = logging.getLogger("attn_compiler")
 
@@ -34,7 +34,7 @@ class GraphReport:
             if self.plan.verified is not None:
                 return self.plan.verified.bytes
             if self.model is not None:
-                return self.model.peak(Plan(self.plan.recompute), symbolic=True).bytes
+                return self.model.peak(RecomputeSet(self.plan.recompute), symbolic=True).bytes
         return self.memory_after.peak if self.memory_after is not None else None
 
     def diff(self, context: int = 2) -> str:

@@ -15,7 +15,7 @@ import torch.fx as fx
 from attn_compiler import analysis, ops
 from attn_compiler.codegen.reference import OUT_ZMHD
 from attn_compiler.layout import Factor, drop_unit, is_one, known_eq, prod, shape_of, val
-from attn_compiler.match import SHAPE_READERS, Plan
+from attn_compiler.match import SHAPE_READERS, SiteMatch
 from attn_compiler.patterns.common import Operand, fold_factors
 from attn_compiler.site import Reject
 
@@ -146,7 +146,7 @@ def _linear(em: Emitter, lin: dict):
     return out
 
 
-def emit(plan: Plan, fake_mode, kernel: str) -> fx.Node:
+def emit(plan: SiteMatch, fake_mode, kernel: str) -> fx.Node:
     graph = plan.pv.graph
     em = Emitter(graph, plan.pv, fake_mode)
     st = plan.st
@@ -229,7 +229,7 @@ def _size_source(graph: fx.Graph, value):
     raise Reject(f"the size {expr} is read from the scores and no input has it; left alone")
 
 
-def _redirect_shape_reads(plan: Plan) -> None:
+def _redirect_shape_reads(plan: SiteMatch) -> None:
     """Shape reads of chain tensors (sym_size of the scores, left by a reshape) read an input's size instead."""
     readers = [u for n in [plan.qk] + plan.chain + [plan.pv] for u in n.users if u.target in SHAPE_READERS]
     sources = [_size_source(plan.pv.graph, u.meta.get("val")) for u in readers]  # all found before any change
@@ -243,7 +243,7 @@ def _redirect_shape_reads(plan: Plan) -> None:
         reader.graph.erase_node(reader)
 
 
-def _erase_chain(plan: Plan) -> None:
+def _erase_chain(plan: SiteMatch) -> None:
     """Remove the replaced chain now: dead-code elimination keeps in-place nodes (they look impure), and an
     in-place op left on the scores would keep the n x n tensors alive. Every chain node mutates only chain-internal
     storage (the matcher proved each mutated tensor private to the chain), so erasing them is safe."""

@@ -246,10 +246,10 @@ def sweep(args):
             cells, notes = [], []
             for w, c, e in settings:
                 td._WAVES, td._MIN_CHUNK, td._WAVE_EFF = w, c, e
-                td._decode_split_tuned.cache.clear()
+                td.decode_split_tuned.cache.clear()
                 t = bench(mem, q, k, v)
                 splits, _ = td.num_splits(b * args.hkv, n, sms)
-                bc = td._decode_split_tuned.best_config
+                bc = td.decode_split_tuned.best_config
                 cells.append(f"{t_gqa / t:15.2f}x")
                 note = f"s{splits} {bc.kwargs['BLOCK_N']}/{bc.num_warps}/{bc.num_stages}"
                 notes.append(f"{note:>16}")

@@ -38,12 +38,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from attn_compiler.codegen import triton_decode as td
-from attn_compiler.codegen import triton_prefill as tp
+from attn_compiler.codegen import autotune
+from attn_compiler.codegen import triton_decode  # noqa: F401  (registers the decode autotuner, and prefill's)
 
 # name -> (the raw jit kernel under the autotuner, its prune, its config space)
-KERNELS = {**{name: (tuner.fn, prune, space) for name, (tuner, prune, space) in tp.AUTOTUNED.items()},
-           "decode": (td._decode_split, td._prune_split, td._SPLIT_CONFIGS)}
+KERNELS = {name: (autotune.jit_function(tuner), prune, space) for name, (tuner, prune, space)
+           in autotune.AUTOTUNED.items()}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "Out": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV_": "*bf16", "KDesc": "*bf16", "VDesc": "*bf16", "Bias": "*fp32", "Stats": "*fp32",
             "Delta": "*fp32", "DBias": "*fp32", "Acc": "*fp32", "ML": "*fp32", "Mask": "*i1", "Seed": "*i64"}

@@ -23,11 +23,12 @@ installed (Triton's path calls the hooks), and after a bound launch raised (with
 TRITON_INTERPRET there is no compiled kernel: every run goes through the interpreter, and the plan saves the rest.
 
 Plans are dropped all at once (``invalidate``) when what they were planned under changes: a forced tile
-(triton_prefill.force_config), TMA or programmatic dependent launch turned off after a failure.
+(autotune.force_config), TMA or programmatic dependent launch turned off after a failure.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 
 import torch
@@ -37,6 +38,10 @@ try:
     _RUNTIME = _knobs.runtime
 except ImportError:  # pragma: no cover - a Triton without knobs has no launch hooks to honour
     _RUNTIME = None
+try:
+    from triton.runtime.autotuner import Heuristics as _Heuristics
+except ImportError:  # pragma: no cover - no Triton: nothing is launched through here
+    _Heuristics = ()
 
 # tests count these: a signature binds each of its launches once, a new signature binds again
 stats = {"binds": 0, "bound_failures": 0, "plans": 0}
@@ -52,6 +57,22 @@ def invalidate() -> None:
 def describe(e: Exception) -> str:
     """An exception as one line: its type and the first line of its message (warnings and report notes)."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def hopper_or_later(device) -> bool:
+    """A CUDA device of compute capability 9 or more (TMA, programmatic dependent launch)."""
+    return device.type == "cuda" and device_properties(device).major >= 9
+
+
+def device_properties(device):
+    """A CUDA device's properties (compute capability, SM count), asked of torch once per device: its query costs
+    microseconds, and the launches ask on every call."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def _current_device() -> int:
@@ -79,7 +100,8 @@ def _hooks_installed() -> bool:
 class Launch:
     """One kernel launch of a planned call.
 
-    ``kernel``: an autotuner (triton_prefill._autotuned; its ``fn`` is the raw kernel) or a raw JIT function.
+    ``kernel``: an autotuner (autotune.autotuned; its ``fn`` is the kernel under its heuristics, if any) or a raw
+    JIT function.
     ``grid``: meta -> grid tuple, meta holding ``named`` and the config's values. ``args``: the kernel's positional
     arguments after the call's tensors (strides, sizes); ``named``: the rest, by name (scalars and constexprs).
     ``config``: a fixed tile (BLOCK_* and num_warps / num_stages) instead of the autotuner's pick; ``pre_hook``:
@@ -87,13 +109,15 @@ class Launch:
     an autotuned kernel is launched through Triton, returning (compiled kernel, config). ``bindable``: False
     where no compiled kernel exists (the interpreter)."""
 
-    __slots__ = ("tuned", "raw", "grid", "args", "named", "config", "pre_hook", "tuned_launch", "bindable",
-                 "_bound", "_pick", "_tune_key")
+    __slots__ = ("tuned", "raw", "derived", "grid", "args", "named", "config", "pre_hook", "tuned_launch",
+                 "bindable", "_bound", "_pick", "_tune_key")
 
     def __init__(self, kernel, grid, args: tuple, named: dict, *, config: dict | None = None, pre_hook=None,
                  tuned_launch=None, bindable: bool = True):
         self.tuned = kernel if hasattr(kernel, "configs") else None
         self.raw = kernel.fn if self.tuned is not None else kernel
+        # triton.heuristics under the autotuner: constexprs computed from the other arguments at each launch
+        self.derived = self.raw.values if isinstance(self.raw, _Heuristics) else None
         self.grid, self.args, self.named = grid, tuple(args), named
         self.config, self.pre_hook, self.tuned_launch, self.bindable = config, pre_hook, tuned_launch, bindable
         self._bound = None
@@ -112,7 +136,7 @@ class Launch:
                     self._drop(e)
         kernel, pick = self._through_triton(tensors)
         if self.bindable:
-            self._bind(kernel, pick, len(tensors))
+            self._bind(kernel, pick, tensors)
 
     @property
     def bound(self) -> bool:
@@ -128,7 +152,7 @@ class Launch:
             self.pre_hook({**dict(zip(self.raw.arg_names, args)), **self.named, **cfg})
         return self.raw[self.grid({**self.named, **cfg})](*args, **self.named, **cfg), None
 
-    def _bind(self, kernel, pick, n_tensors: int) -> None:
+    def _bind(self, kernel, pick, tensors: tuple) -> None:
         if kernel is None:
             return
         if hasattr(kernel, "result"):  # an asynchronous compile's future
@@ -136,9 +160,11 @@ class Launch:
         if not hasattr(kernel, "packed_metadata"):
             return
         meta = {**self.named, **(pick.all_kwargs() if pick is not None else (self.config or {}))}
+        for name, rule in (self.derived or {}).items():   # as triton.heuristics computes them, in order
+            meta[name] = rule({**dict(zip(self.raw.arg_names, tensors + self.args)), **meta})
         # the launcher takes every parameter in signature order, constexprs too (it skips those)
         try:
-            tail = self.args + tuple(meta[n] for n in self.raw.arg_names[n_tensors + len(self.args):])
+            tail = self.args + tuple(meta[n] for n in self.raw.arg_names[len(tensors) + len(self.args):])
         except KeyError:  # a parameter left at its default: not a launch this binding knows how to repeat
             return
         g0, g1, g2 = (tuple(self.grid(meta)) + (1, 1))[:3]

@@ -19,6 +19,8 @@ import torch.fx as fx
 
 from attn_compiler.layout import known_eq, shape_of, val
 
+from .common import ScoreState
+
 aten = torch.ops.aten
 
 
@@ -471,6 +473,79 @@ def implied_causal(mask_node: fx.Node, score_dims, keep: bool, additive: bool):
     return offset, fill, diagonal
 
 
+# After the walk: the causal flag, from every mask and bias the walk collected
+
+def _lin_value(lin: dict, extra=0):
+    expr = extra
+    for key, c in lin.items():
+        expr = expr + c * (1 if key == 1 else val(key))
+    return expr
+
+
+def _nonneg(expr) -> bool:
+    if isinstance(expr, int):
+        return expr >= 0
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return bool(statically_known_true(expr >= 0))
+
+
+def _known_nonneg(lin: dict) -> bool:
+    return _nonneg(_lin_value(lin))
+
+
+def _big_negative(fill) -> bool:
+    return fill == float("-inf") or fill <= -1e30 or fill in (
+        torch.finfo(torch.float16).min, torch.finfo(torch.bfloat16).min)
+
+
+def finish(st: ScoreState, m_size, n_size) -> None:
+    """Replace masks proven causal by the kernel's causal flag, when that gives exactly eager's result.
+
+    The flag puts -inf above the diagonal where the mask put its fill. With a -inf fill that is the same thing.
+    With a finite fill (finfo.min) it is the same only while every row keeps a key: a row masked everywhere gives
+    a uniform row in eager but NaN with the flag. So a finite fill needs a proof that the mask keeps a key in every
+    row, and no other mask or bias on the site (one could push a row's kept keys down to the fill: a padding mask).
+    A mask that is causal AND more (a sliding window) implies the flag but is still passed as a tensor.
+    """
+    for group, additive in ((st.masks, False), (st.biases, True)):
+        for op in list(group):
+            if additive and op.coef != 1:
+                continue
+            exact = causal_offset(op.node, op.dims, op.keep, additive)
+            implied = None if exact is not None else implied_causal(op.node, op.dims, op.keep, additive)
+            if exact is None and implied is None:
+                continue
+            offset, fill = exact if exact is not None else implied[:2]
+            if not additive:
+                fill = op.fill
+            if not _big_negative(fill):
+                st.causal_note = f"mask is causal but its fill {fill} is not -inf or the dtype minimum"
+                continue
+            if fill != float("-inf"):
+                if [o for o in st.masks + st.biases if o is not op]:
+                    st.causal_note = ("causal mask with a finite fill next to another mask or bias (which could mask "
+                                      "whole rows): passed as a tensor")
+                    continue
+                if exact is not None and not _known_nonneg(offset):
+                    st.causal_note = "causal mask with a finite fill may mask whole rows: passed as a tensor"
+                    continue
+                diagonal = None if exact is not None else implied[2]
+                if exact is None and (diagonal is None or not all(_known_nonneg(d) for d in diagonal)
+                                      or not _known_nonneg(offset)
+                                      or not _nonneg(_lin_value({k: -c for k, c in offset.items()},
+                                                                n_size - m_size))):
+                    st.causal_note = "mask implies causal but may mask whole rows: passed as a tensor only"
+                    continue
+            if st.causal is not None and st.causal != offset:
+                continue
+            st.causal = offset
+            if exact is not None:
+                group.remove(op)
+                st.tag("causal")
+            else:
+                st.tag("causal(+mask)")
+
+
 # Spellings
 def tril_ones(q, k, v):
     s = q.shape[-2]
@@ -526,3 +601,9 @@ def tensor_literal_fill(q, k, v):
 SPELLINGS = {"tril_ones": tril_ones, "triu_fill": triu_fill, "arange_compare": arange_compare,
              "arange_strict": arange_strict, "arange_query_first": arange_query_first,
              "additive_min": additive_min, "tensor_literal_fill": tensor_literal_fill}
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests): the causal flag, no mask left."""
+    flags = site.flags
+    assert flags["causal"] and flags["bias"] == 0 and flags["bool_masks"] == 0, flags

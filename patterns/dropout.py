@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from attn_compiler.site import Reject
 
-aten = torch.ops.aten
+from .common import ScoreState
 
-DROPOUT_OPS = (aten.native_dropout.default,)
+aten = torch.ops.aten
 
 
 def on_native_dropout(node):
@@ -32,9 +32,34 @@ def on_native_dropout(node):
     return p, firsts[0]
 
 
+def on_dropout(node, st: ScoreState) -> list:
+    """The probabilities' dropout: its p goes to the kernel. Returns the nodes it takes (the last one carries the
+    chain on)."""
+    p, after = on_native_dropout(node)
+    if p > 0:
+        if st.dropout_p > 0:
+            raise Reject("dropout applied twice to the probabilities")
+        st.dropout_p = p
+        st.tag("dropout")
+    return [node, after]
+
+
+PROB_HANDLERS = {aten.native_dropout.default: on_dropout}
+
+
 def train_dropout(q, k, v, p=0.1, training=True):
     s = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
     return F.dropout(torch.softmax(s, -1), p, training) @ v
 
 
 SPELLINGS = {"train_dropout": train_dropout}
+
+
+def example_args(name, q, k, v):
+    """In eval mode: a comparison with eager needs the same result (training dropout has tests of its own)."""
+    return q, k, v, 0.3, False
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests): eval-mode dropout is no dropout."""
+    assert site.flags["dropout_p"] == 0.0, site.flags

@@ -47,6 +47,20 @@ def align(q_factors, kv_factors, head_pos: int, what: str):
     return out
 
 
+align_kv = align   # the matcher's hook (patterns/__init__.py)
+
+
+def group_ratio(k_group, v_group, st) -> object:
+    """The op's GQA argument from the head groups align found for k and v: 1 (no repeat), "GQA" or "MQA"."""
+    if (k_group is None) != (v_group is None) or (
+            k_group is not None and not known_eq(k_group.size, v_group.size)):
+        raise Reject("k and v are repeated to the query heads differently")
+    if k_group is None:
+        return 1
+    st.tag("gqa")
+    return "MQA" if k_group.broadcast else "GQA"
+
+
 def repeat_kv(x, n_rep):
     """HF transformers' spelling."""
     b, hkv, s, d = x.shape
@@ -68,3 +82,16 @@ def repeat_interleave(q, k, v):
 
 
 SPELLINGS = {"hf_repeat_kv": hf_repeat_kv, "repeat_interleave": repeat_interleave}
+
+
+def example_args(name, q, k, v):
+    """Half as many k/v heads as query heads (one when there is one query head)."""
+    hkv = max(1, q.shape[1] // 2)
+    return q, k[:, :hkv], v[:, :hkv]
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests), for example_args's k and v."""
+    hkv, h = k.shape[1], q.shape[1]
+    assert ("gqa" in site.pattern) == (hkv != h), site.pattern
+    assert site.flags["gqa"] == ("MQA" if hkv == 1 and h > 1 else "GQA" if hkv != h else 1), site.flags

@@ -66,9 +66,12 @@ def on_where(node, chain_arg: int, st: ScoreState) -> None:
     _add_mask(st, cond, keep=(chain_arg == 1), fill=_constant(other))
 
 
-HANDLERS = {aten.add.Tensor: on_add, aten.masked_fill.Scalar: on_masked_fill,
-            aten.masked_fill.Tensor: on_masked_fill, aten.where.self: on_where,
-            aten.where.ScalarOther: on_where, aten.where.ScalarSelf: on_where, aten.where.Scalar: on_where}
+SCORE_HANDLERS = {aten.add.Tensor: on_add, aten.masked_fill.Scalar: on_masked_fill,
+                  aten.masked_fill.Tensor: on_masked_fill, aten.where.self: on_where,
+                  aten.where.ScalarOther: on_where, aten.where.ScalarSelf: on_where, aten.where.Scalar: on_where}
+# the arguments the scores may flow through: never a where's condition, never a masked_fill's mask
+SCORE_OPERANDS = {aten.where.self: (1, 2), aten.where.ScalarOther: (1, 2), aten.where.ScalarSelf: (1, 2),
+                  aten.masked_fill.Scalar: (0,), aten.masked_fill.Tensor: (0,)}
 
 
 # Spellings: mask arguments are built by the tests to broadcast against [B, H, Sq, Sk].
@@ -96,5 +99,23 @@ def where_keep(q, k, v, keep):
     return torch.softmax(s, -1) @ v
 
 
-SPELLINGS = {"additive": additive, "additive_then_div": additive_then_div, "masked_fill_neg_inf": masked_fill_neg_inf,
-             "masked_fill_finfo_min": masked_fill_finfo_min, "where_keep": where_keep}
+SPELLINGS = {"additive": additive, "additive_then_div": additive_then_div,
+             "masked_fill_neg_inf": masked_fill_neg_inf, "masked_fill_finfo_min": masked_fill_finfo_min,
+             "where_keep": where_keep}
+
+
+def example_args(name, q, k, v, shape=None):
+    """SPELLINGS[name]'s arguments: a boolean keep mask (or a bias made from one) over [B, 1, M, N] by default,
+    keeping key 0 of every row (fully masked rows have tests of their own)."""
+    g = torch.Generator().manual_seed(7)
+    keep = torch.rand(shape or (q.shape[0], 1, q.shape[2], k.shape[2]), generator=g) > 0.3
+    keep[..., 0] = True
+    if name.startswith("additive"):
+        return q, k, v, torch.where(keep, 0.0, -1e4) + torch.randn(keep.shape, generator=g) * 0.5
+    return q, k, v, keep
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests): one mask, passed to the kernel, not causal."""
+    flags = site.flags
+    assert flags["bias"] + flags["bool_masks"] == 1 and not flags["causal"], flags

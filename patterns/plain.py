@@ -43,3 +43,8 @@ def bshd(q, k, v):
 
 
 SPELLINGS = {"matmul_at": matmul_at, "matmul_fn": matmul_fn, "einsum": einsum, "bmm_3d": bmm_3d, "bshd": bshd}
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests)."""
+    assert "matmul" in site.pattern, site.pattern

@@ -40,8 +40,8 @@ def _scale_applied_terms(st: ScoreState, factor) -> None:
         op.fill = op.fill * c
 
 
-HANDLERS = {aten.mul.Tensor: on_scale, aten.mul.Scalar: on_scale, aten.div.Tensor: on_scale,
-            aten.div.Scalar: on_scale}
+SCORE_HANDLERS = {aten.mul.Tensor: on_scale, aten.mul.Scalar: on_scale, aten.div.Tensor: on_scale,
+                  aten.div.Scalar: on_scale}
 
 
 def falcon_inplace(q, k, v):
@@ -78,3 +78,9 @@ def softmax_fp32(q, k, v):
 SPELLINGS = {"mul_scores": mul_scores, "div_scores": div_scores, "scale_q": scale_q,
              "scale_qk_split": scale_qk_split, "softmax_fp32": softmax_fp32,
              "falcon_inplace": falcon_inplace}
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests): every spelling scales by 1/sqrt(d)."""
+    assert "scaled" in site.pattern, site.pattern
+    assert abs(site.flags["scale"] * math.sqrt(q.shape[-1]) - 1) < 1e-6, site.flags

@@ -15,7 +15,7 @@ def on_tanh(node, chain_arg: int, st: ScoreState) -> None:
     st.tag("softcap")
 
 
-HANDLERS = {aten.tanh.default: on_tanh}
+SCORE_HANDLERS = {aten.tanh.default: on_tanh}
 
 
 CAP = 20.0  # Gemma-2's attn_logit_softcapping
@@ -29,3 +29,8 @@ def gemma2(q, k, v):
 
 
 SPELLINGS = {"gemma2": gemma2}
+
+
+def check_site(name, site, q, k, v) -> None:
+    """What a rewritten site of SPELLINGS[name] must say (tests)."""
+    assert "softcap" in site.pattern and site.flags["softcap"] == CAP, site.flags

@@ -79,7 +79,7 @@ MUTANTS = [
            "return t.unflatten(1, (hkv, h // hkv))", "return t.unflatten(1, (h // hkv, hkv)).transpose(1, 2)",
            ("tests/test_reference.py",),
            "a per-head bias or mask given to query head h of group h % hkv instead of h // (h / hkv)"),
-    Mutant("kernel_causal_strict", "codegen/triton_prefill.py",
+    Mutant("kernel_causal_strict", "codegen/tiles.py",
            "x = tl.where(cols <= rows + causal_offset, x, float(\"-inf\"))",
            "x = tl.where(cols < rows + causal_offset, x, float(\"-inf\"))",
            ("tests/test_triton_prefill.py", "-k", "causal"),

@@ -52,7 +52,8 @@ def spec(**kw) -> Spec:
 
 def run_case(z, h, hkv, m, n, d, dtype=F32, *, bias=None, mask=None, layout="bhsd", sp=None, cache_len=None):
     """Decode kernel vs the fp64 reference and eager; K/V are views of a larger cache buffer when cache_len."""
-    from attn_compiler.codegen import triton_decode, triton_prefill
+    from attn_compiler.codegen import autotune
+    from attn_compiler.codegen import triton_decode
     sp = sp or spec()
     g = torch.Generator().manual_seed(z * 1000 + h * 100 + m * 10 + n)
     q = torch.randn(z, h, m, d, generator=g)
@@ -69,7 +70,7 @@ def run_case(z, h, hkv, m, n, d, dtype=F32, *, bias=None, mask=None, layout="bhs
     want = eager(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
     # fixed tiles (the autotuner is exercised by benchmarks/decode.py): 16-key tiles under the interpreter so tiny
     # caches split into several chunks, 32 on a GPU
-    with triton_prefill.force_config(16, 32 if CUDA else 16, 4, 2):
+    with autotune.force_config(16, 32 if CUDA else 16, 4, 2):
         ok, why = triton_decode.supports(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
         assert ok, why
         out, stats = triton_decode.forward(dev(q), dev(k), dev(v), dev(bias, F32), dev(mask), None, sp)
@@ -173,7 +174,7 @@ def _on_combine(monkeypatch, hook):
     """Route triton_decode's combine launches through ``hook(args, kwargs)`` (which may record them, or raise)
     before the real kernel runs."""
     from attn_compiler.codegen import triton_decode as td
-    real = td._decode_combine
+    real = td.decode_combine
 
     class _Hooked:
         def __getitem__(self, grid):
@@ -181,7 +182,7 @@ def _on_combine(monkeypatch, hook):
                 hook(args, kw)
                 return real[grid](*args, **kw)
             return launch
-    monkeypatch.setattr(td, "_decode_combine", _Hooked())
+    monkeypatch.setattr(td, "decode_combine", _Hooked())
 
 
 @kernel_test
@@ -243,11 +244,11 @@ def test_kernel_combine_one_pass_and_loop(monkeypatch, one_pass):
 @kernel_test
 def test_kernel_stats_feed_the_prefill_backward():
     """A decode call's stats drive the (prefill) backward: gradients through the op equal the reference's."""
-    from attn_compiler.codegen import triton_prefill
+    from attn_compiler.codegen import autotune
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, s, 16, generator=g, dtype=torch.float64).to(DEV, F32) for s in (1, 37, 37))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with triton_prefill.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
+    with autotune.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
         out, _ = torch.ops.memattn.attention(q, k, v, None, None, None, 0.25, 0.0, False, 0, float("-inf"), True,
                                              0.0, False, "triton")
         out.sum().backward()
@@ -261,13 +262,14 @@ def test_kernel_stats_feed_the_prefill_backward():
 @kernel_test
 def test_kernel_dispatch_routes_by_query_length(monkeypatch):
     """kernel="triton": <= 16 query rows without dropout run the decode kernel, longer or with dropout prefill."""
+    from attn_compiler.codegen import autotune
     from attn_compiler.codegen import triton_decode, triton_prefill
     calls = []
     for mod, name in ((triton_decode, "decode"), (triton_prefill, "prefill")):
         real = mod.plan_forward
         monkeypatch.setattr(mod, "plan_forward", lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     k = torch.randn(1, 2, 20, 16, device=DEV)
-    with triton_prefill.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
+    with autotune.force_config(16, 16, 4, 2) if not CUDA else _nullcontext():
         for m, p in ((1, 0.0), (16, 0.0), (17, 0.0), (1, 0.5)):
             q = torch.randn(1, 2, m, 16, device=DEV)
             seed = torch.tensor(3) if p else None
@@ -340,12 +342,12 @@ def test_num_splits_is_its_definition_and_follows_the_knobs(monkeypatch):
 def test_pdl_is_the_default_on_hopper_and_never_on_the_cpu_or_the_interpreter(monkeypatch):
     """The combine is a programmatic dependent launch on Hopper and later by default: MEMATTN_PDL=0 turns it off;
     never for a CPU tensor, under TRITON_INTERPRET, or after a PDL launch failed in this process."""
+    from attn_compiler.codegen import launch
     from attn_compiler.codegen import triton_decode as td
-    from attn_compiler.codegen import triton_prefill as tp
     monkeypatch.delenv("MEMATTN_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not td.pdl_wanted(torch.device("cpu"))
-    monkeypatch.setattr(tp, "hopper_or_later", lambda device: device.type == "cuda")  # an H100/H200 in name
+    monkeypatch.setattr(launch, "hopper_or_later", lambda device: device.type == "cuda")  # an H100/H200 in name
     cuda = torch.device("cuda")
     assert td.pdl_wanted(cuda)
     monkeypatch.setenv("MEMATTN_PDL", "0")
@@ -363,8 +365,8 @@ def test_pdl_is_the_default_on_hopper_and_never_on_the_cpu_or_the_interpreter(mo
 def test_kernel_a_failed_pdl_launch_warns_and_launches_plainly(monkeypatch):
     """A PDL launch that fails (a Triton or driver without griddepcontrol) costs a warning, not the step: the same
     call is launched without PDL, and later calls do not try again."""
+    from attn_compiler.codegen import tma
     from attn_compiler.codegen import triton_decode as td
-    from attn_compiler.codegen import triton_prefill as tp
     seen = []
 
     def no_pdl(args, kw):
@@ -373,12 +375,12 @@ def test_kernel_a_failed_pdl_launch_warns_and_launches_plainly(monkeypatch):
             raise RuntimeError("griddepcontrol is not supported here")
     _on_combine(monkeypatch, no_pdl)
     monkeypatch.setattr(td, "_pdl_failed", False)
-    monkeypatch.setattr(tp, "_tma_failed", False)
+    monkeypatch.setattr(tma, "_failed", False)
     monkeypatch.setattr(td, "pdl_wanted", lambda device: not td._pdl_failed)
     with pytest.warns(RuntimeWarning, match="programmatic dependent launch failed"):
         run_case(1, 8, 2, 1, 100, 16)
     assert td._pdl_failed and seen[-1] is False
-    assert not tp._tma_failed  # the failure is PDL's, not put on TMA (which the plain launch used)
+    assert not tma.failed()  # the failure is PDL's, not put on TMA (which the plain launch used)
     n_seen = len(seen)
     run_case(1, 8, 2, 1, 100, 16)
     assert seen[n_seen:] == [False]
@@ -386,10 +388,9 @@ def test_kernel_a_failed_pdl_launch_warns_and_launches_plainly(monkeypatch):
 
 def test_autotune_key_holds_the_chunk_and_the_program_count():
     """The split kernel's best tile depends on the keys each program walks and on how many programs share the
-    machine (on the H200, batch 64 ran at 87% of HBM peak with the tile tuned at batch 32, at 94-97% with its
-    own): both are in the autotune key, as buckets."""
+    machine (benchmarks/results/tuning_notes.md): both are in the autotune key, as buckets."""
     from attn_compiler.codegen import triton_decode as td
-    assert {"BUCKET_N", "BUCKET_P"} <= set(td._decode_split_tuned.keys)
+    assert {"BUCKET_N", "BUCKET_P"} <= set(td.decode_split_tuned.keys)
     assert [td._programs_bucket(p, 132) for p in (1, 132, 133, 264, 265, 528, 529, 10 ** 6)] == [0, 0, 1, 1, 2, 2,
                                                                                                     3, 3]
 

@@ -5,12 +5,13 @@ import torch
 import attn_compiler
 from attn_compiler.codegen import dispatch
 from attn_compiler.models import GPT, GPTConfig
-from attn_compiler.patterns import causal, gqa, masked, plain, scaled, softcap
+from attn_compiler import patterns
 from helpers import check_against_eager, check_model
 
 pytestmark = pytest.mark.gpu
 
-SPELLINGS = {**plain.SPELLINGS, **scaled.SPELLINGS, **causal.SPELLINGS, **gqa.SPELLINGS, **softcap.SPELLINGS}
+SPELLINGS = patterns.spellings()
+scaled = patterns.family("scaled")   # one spelling for the tests of other things
 
 
 @pytest.fixture(autouse=True)
@@ -27,12 +28,12 @@ def _qkv(s, d, h=8, hkv=8, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("s,d", [(1, 64), (300, 128)])
-@pytest.mark.parametrize("name", list(SPELLINGS))
-def test_spellings_on_cuda(name, s, d):
-    hkv = 2 if name in gqa.SPELLINGS else 8
+@pytest.mark.parametrize("family,name,fn,example_args", SPELLINGS, ids=[f"{f}.{n}" for f, n, _, _ in SPELLINGS])
+def test_spellings_on_cuda(family, name, fn, example_args, s, d):
     if name == "einsum" and s == 1:
         pytest.skip("einsum contracts a single key without a matmul (tested on CPU)")
-    check_against_eager(SPELLINGS[name], _qkv(s, d, hkv=hkv), torch.bfloat16, dynamic=(s == 300))
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in example_args(name, *_qkv(s, d))]
+    check_against_eager(fn, args, torch.bfloat16, dynamic=(s == 300))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
@@ -46,7 +47,7 @@ def test_masks_on_cuda(dtype):
     q, k, v = _qkv(200, 64)
     keep = torch.rand(2, 1, 200, 200, device="cuda") > 0.3
     keep[..., 0] = True
-    for name, fn in masked.SPELLINGS.items():
+    for name, fn in patterns.family("masked").SPELLINGS.items():
         extra = torch.where(keep, 0.0, -1e4) if name == "additive" else keep
         check_against_eager(lambda q, k, v, m, fn=fn: fn(q, k, v, m), [q, k, v, extra], dtype)
 

@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_compiler.patterns import causal, dropout, gqa, masked, plain, scaled, softcap
+from attn_compiler import patterns
 from helpers import check_against_eager
+
+plain, scaled, masked, softcap, causal, dropout, gqa = (patterns.family(name) for name in (
+    "plain", "scaled", "masked", "softcap", "causal", "dropout", "gqa"))   # the family-specific tests below
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (sequence length, head dim) pairs: 1 (a single query), 17 and 127 (cross the 16-wide reference tiles unevenly),
@@ -25,6 +28,40 @@ def qkv(s, d, b=2, h=4, hkv=None, sk=None, seed=0):
 
 def _ids(fns):
     return list(fns)
+
+
+SPELLINGS = patterns.spellings()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family,name,fn,example_args", SPELLINGS, ids=[f"{f}.{n}" for f, n, _, _ in SPELLINGS])
+def test_every_spelling_of_every_family(family, name, fn, example_args, dtype, dynamic):
+    """Every spelling the registry lists (patterns.FAMILIES), with its family's example arguments: one site,
+    rewritten, matching eager and the fp64 truth forward and backward, and saying what its family says it must
+    (the family's check_site). A new family is covered here by being listed."""
+    q, k, v = qkv(33, 40)
+    args = example_args(name, q, k, v)
+    report = check_against_eager(fn, list(args), dtype, dynamic=dynamic)
+    site = report.sites[0]
+    assert site.status == "rewritten"
+    check = getattr(patterns.family(family), "check_site", None)
+    if check is not None:
+        check(name, site, *args[:3])
+
+
+def test_the_registry_has_one_owner_per_op():
+    """Each aten op the walk folds belongs to one family (the registry refuses a second claim), and every family
+    the matcher consults is listed, with its spellings."""
+    owners = {}
+    for fam in patterns.FAMILIES:
+        for op in getattr(fam, "SCORE_HANDLERS", {}):
+            assert op not in owners, (op, owners.get(op), fam.__name__)
+            owners[op] = fam.__name__
+    assert set(owners) == set(patterns.SCORE_HANDLERS)
+    assert {patterns.name(f) for f in patterns.FAMILIES} == {f for f, _, _, _ in SPELLINGS}
+    with pytest.raises(ValueError, match="no pattern family 'nope'"):
+        patterns.family("nope")
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])

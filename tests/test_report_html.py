@@ -157,7 +157,8 @@ def test_peak_plot_follows_the_formulas(gpt):
 
 
 def test_static_shapes_say_so(tmp_path):
-    from attn_compiler.patterns import scaled
+    from attn_compiler import patterns
+    scaled = patterns.family("scaled")
     path = tmp_path / "s.html"
     q, k, v = (torch.randn(2, 4, 17, 16) for _ in range(3))
     torch.compile(scaled.div_scores, backend="memattn", options={"report": str(path)})(q, k, v)

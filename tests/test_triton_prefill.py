@@ -70,7 +70,8 @@ def tp():
 
 def _tiles(tp, bm=16, bn=16):
     # 16 x 16 tiles: tiny shapes still cross block edges; on the GPU also keeps the compile count down
-    return tp.force_config(bm, bn, num_warps=4, num_stages=2)
+    from attn_compiler.codegen import autotune
+    return autotune.force_config(bm, bn, num_warps=4, num_stages=2)
 
 
 # ------------------------------------------------------------------------------------------------- eager + truth
@@ -200,14 +201,14 @@ def test_fused_scale_only_for_plain_scores_and_a_positive_scale(tp):
     qk_scale > 0; a bias, a mask, a softcap or a scale <= 0 take the general path (the flag grid runs both)."""
     q, k, v = make(F32)
     plain = Spec(scale=0.125)
-    assert tp._fuse_scale(tp._common(q, k, v, None, None, None, plain))
-    assert tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=0.125, causal=True)))
+    assert tp.fuse_scale(tp.kernel_args(q, k, v, None, None, None, plain))
+    assert tp.fuse_scale(tp.kernel_args(q, k, v, None, None, None, Spec(scale=0.125, causal=True)))
     bias, mask = torch.zeros(17, 17, device=DEV), torch.ones(17, 17, dtype=torch.bool, device=DEV)
-    assert not tp._fuse_scale(tp._common(q, k, v, bias, None, None, plain))
-    assert not tp._fuse_scale(tp._common(q, k, v, None, mask, None, plain))
-    assert not tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=0.125, softcap=5.0)))
-    assert not tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=-0.4)))
-    assert not tp._fuse_scale(tp._common(q, k, v, None, None, None, Spec(scale=0.0)))
+    assert not tp.fuse_scale(tp.kernel_args(q, k, v, bias, None, None, plain))
+    assert not tp.fuse_scale(tp.kernel_args(q, k, v, None, mask, None, plain))
+    assert not tp.fuse_scale(tp.kernel_args(q, k, v, None, None, None, Spec(scale=0.125, softcap=5.0)))
+    assert not tp.fuse_scale(tp.kernel_args(q, k, v, None, None, None, Spec(scale=-0.4)))
+    assert not tp.fuse_scale(tp.kernel_args(q, k, v, None, None, None, Spec(scale=0.0)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -248,7 +249,7 @@ def test_causal_loops(tp, monkeypatch, loop, name):
     """Both CAUSAL_LOOPs (MEMATTN_CAUSAL_LOOP: the causal forward's two K/V loops, or one loop masking from
     lo_mask on) against fp64; rows that see no key give NaN forward as eager does."""
     monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", loop)
-    assert tp._causal_loop(32) == tp._CAUSAL_LOOPS[loop]
+    assert tp.causal_loop(32) == tp.CAUSAL_LOOPS[loop]
     dtype, shape, sk, bias_shape = CAUSAL_LOOP_CASES[name]
     g = torch.Generator().manual_seed(7)
     q, k, v = make(dtype, gen=g, **shape)
@@ -261,10 +262,10 @@ def test_causal_loop_choice(tp, monkeypatch):
     """Unset: one loop for padded head dims of 128 (where it was timed faster), two elsewhere; a bad name is a
     ValueError that lists the names."""
     monkeypatch.delenv("MEMATTN_CAUSAL_LOOP", raising=False)
-    assert [tp._causal_loop(d) for d in (16, 64, 128, 256)] == [0, 0, 1, 0]
+    assert [tp.causal_loop(d) for d in (16, 64, 128, 256)] == [0, 0, 1, 0]
     monkeypatch.setenv("MEMATTN_CAUSAL_LOOP", "diagonal")
     with pytest.raises(ValueError, match="'one', 'split'"):
-        tp._causal_loop(128)
+        tp.causal_loop(128)
 
 
 @pytest.mark.parametrize("d", [16, 40, 80, 96, 112, 160, 256])
@@ -344,14 +345,15 @@ def test_tma_descriptors_where_the_layout_allows(tp, monkeypatch):
     """With TMA asked for, K/V in a [Z, N, H, D] buffer (permuted, 16-byte aligned strides) are read through
     descriptors, ragged N and a padded head dim included; an unaligned layout falls back to pointer loads. Both
     agree with the fp64 reference."""
+    from attn_compiler.codegen import tma
     from attn_compiler.codegen.reference import attention_forward
     if CUDA and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
     monkeypatch.setenv("MEMATTN_TMA", "1")
-    monkeypatch.setattr(tp, "_tma_failed", False)
+    monkeypatch.setattr(tma, "_failed", False)
     used = []
-    real = tp.tma_descs
-    monkeypatch.setattr(tp, "tma_descs", lambda k, v: (lambda r: used.append(r[2]) or r)(real(k, v)))
+    real = tma.descs
+    monkeypatch.setattr(tma, "descs", lambda k, v: (lambda r: used.append(r[2]) or r)(real(k, v)))
     sp = Spec(scale=0.2, softcap=0.0, causal=True, causal_offset=3, mask_fill=float("-inf"), mask_keep=True,
               dropout_p=0.0, safe_softmax=False)
     g = torch.Generator().manual_seed(0)
@@ -370,15 +372,16 @@ def test_warp_spec_is_opt_in_and_keeps_the_result(tp, monkeypatch):
     specialisation, so here it checks that the flag threads through without changing a result; on a GPU Triton
     3.6 does not compile it for sm_90 (the launch falls back to pointer loads, which would turn TMA off for the
     rest of this process), so it is measured by benchmarks/prefill.py there, not tested."""
+    from attn_compiler.codegen import tma
     if CUDA:
         pytest.skip("measured with benchmarks/prefill.py on a GPU (see the docstring)")
     from attn_compiler.codegen.reference import attention_forward
     monkeypatch.delenv("MEMATTN_WS", raising=False)
-    assert not tp._warp_spec_wanted()
+    assert not tma.warp_spec_wanted()
     monkeypatch.setenv("MEMATTN_WS", "1")
     monkeypatch.setenv("MEMATTN_TMA", "1")
-    monkeypatch.setattr(tp, "_tma_failed", False)
-    assert tp._warp_spec_wanted()
+    monkeypatch.setattr(tma, "_failed", False)
+    assert tma.warp_spec_wanted()
     sp = Spec(scale=0.3, softcap=0.0, causal=True, causal_offset=0, mask_fill=float("-inf"), mask_keep=True,
               dropout_p=0.0, safe_softmax=False)
     g = torch.Generator().manual_seed(1)
@@ -386,7 +389,7 @@ def test_warp_spec_is_opt_in_and_keeps_the_result(tp, monkeypatch):
     truth, _ = attention_forward(q.double(), k.double(), v.double(), None, None, None, sp)
     with _tiles(tp):
         out, _ = tp.forward(q, k, v, None, None, None, sp)
-    assert not tp._tma_failed
+    assert not tma.failed()
     torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-4)
 
 
@@ -395,20 +398,22 @@ def test_autotune_timer_waits_for_queued_work_and_times_in_a_graph(tp, monkeypat
     not fit raises for the autotuner to record), then the device is synchronized before the CUDA-graph timer,
     which runs on a stream of its own, starts; where no graph can be captured, Triton's event timer takes over."""
     import triton.testing
-    from attn_compiler.codegen import triton_decode
+
+    from attn_compiler.codegen import autotune
+    from attn_compiler.codegen import triton_decode  # noqa: F401  (registers the decode autotuner)
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
     graph = [lambda fn, rep, quantiles: calls.append("graph") or [1.0, 0.9, 1.1]]
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda *a, **kw: graph[0](*a, **kw))
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: calls.append("events") or [2.0, 1.9, 2.1])
     launch = lambda: calls.append("launch")  # noqa: E731
-    assert tp.graph_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert autotune.graph_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
     assert calls == ["launch", "sync", "graph"]
 
     def no_capture(fn, rep, quantiles):
         raise RuntimeError("operation not permitted when stream is capturing")
     graph[0], calls[:] = no_capture, []
-    assert tp.graph_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [2.0, 1.9, 2.1]
+    assert autotune.graph_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [2.0, 1.9, 2.1]
     assert calls == ["launch", "sync", "events"]
 
     class DoesNotFit(Exception):
@@ -417,9 +422,9 @@ def test_autotune_timer_waits_for_queued_work_and_times_in_a_graph(tp, monkeypat
     def too_big():
         raise DoesNotFit
     with pytest.raises(DoesNotFit):
-        tp.graph_bench(too_big)
-    for tuner in [t for t, _, _ in tp.AUTOTUNED.values()] + [triton_decode._decode_split_tuned]:
-        assert tuner.do_bench is tp.graph_bench
+        autotune.graph_bench(too_big)
+    for tuner in [t for t, _, _ in autotune.AUTOTUNED.values()]:
+        assert tuner.do_bench is autotune.graph_bench
 
 
 def test_empty_lengths(tp):
@@ -450,15 +455,17 @@ def test_supports_says_why(tp):
 def test_fp32_dots_get_one_small_tile(tp, d):
     """fp32 takes FMA dots: each kernel's prune keeps one small tile (16-bit inputs keep a real choice, and the
     dtype's precision is part of the autotune key so the two never share a tuned config)."""
-    for prune, space in ((tp._prune_fwd, tp._FWD_CONFIGS), (tp._prune_dkdv, tp._DKDV_CONFIGS),
-                         (tp._prune_dq, tp._DQ_CONFIGS)):
+    from attn_compiler.codegen import autotune, prefill_bwd, prefill_fwd
+    for prune, space in ((prefill_fwd.prune_fwd, prefill_fwd.FWD_CONFIGS),
+                         (prefill_bwd.prune_dkdv, prefill_bwd.DKDV_CONFIGS),
+                         (prefill_bwd.prune_dq, prefill_bwd.DQ_CONFIGS)):
         args = {"BLOCK_D": d, "BLOCK_DV": d, "BUCKET_M": 2, "IS_CAUSAL": False}
         (only,) = prune(space, {}, **args, DOT_PREC="ieee")
         tile = only.kwargs["BLOCK_M"] * only.kwargs["BLOCK_N"]
         assert tile <= 64 * 32 and only.num_warps == 8 and only.num_stages == 2
         wide = prune(space, {}, **args, DOT_PREC="tf32")
         assert len(wide) > 1 and any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > tile for c in wide)
-    assert "DOT_PREC" in tp._KEY
+    assert "DOT_PREC" in autotune.PREFILL_KEY
 
 
 def test_through_the_op(tp):
@@ -490,9 +497,10 @@ def test_through_the_op(tp):
 @needs_cuda
 @pytest.mark.parametrize("d", [40, 64, 80, 96, 112, 128, 160, 256])
 def test_gpu_head_dims_odd_lengths(tp, d):
+    from attn_compiler.codegen import autotune
     dtype = BF16 if d in (64, 96, 160, 256) else F16
     q, k, v = make(dtype, z=2, h=4, hkv=2, m=333, n=1000, d=d)
-    with tp.force_config(64, 64, num_warps=8 if d > 64 else 4, num_stages=2):
+    with autotune.force_config(64, 64, num_warps=8 if d > 64 else 4, num_stages=2):
         check(tp, q, k, v, None, None, Spec(scale=d ** -0.5, causal=d % 2 == 0, causal_offset=667))
 
 
@@ -519,7 +527,8 @@ def test_gpu_causal_loops(tp, monkeypatch, loop, d):
 
 
 def _candidates(tp, name, d, causal):
-    tuner, prune, space = tp.AUTOTUNED[name]
+    from attn_compiler.codegen import autotune
+    tuner, prune, space = autotune.AUTOTUNED[name]
     picked = set()
     for bucket in (1, 2):  # the short and long rows' spaces (bucket 0 is the 64-row subset of bucket 1's)
         picked.update(prune(space, {}, BLOCK_D=d, BLOCK_DV=d, BUCKET_M=bucket, IS_CAUSAL=causal, DOT_PREC="tf32"))
@@ -533,6 +542,7 @@ def _candidates(tp, name, d, causal):
 def test_gpu_every_candidate_tile(tp, monkeypatch, name, d):
     """Every tile an autotuner may pick (not only the one it picked on this card) computes the right answer:
     each candidate of the kernel's pruned spaces, alone in its tuner, on a ragged causal GQA shape and a full one."""
+    from attn_compiler.codegen import autotune
     try:
         for causal in (False, True):
             tuner, cands = _candidates(tp, name, d, causal)
@@ -546,7 +556,7 @@ def test_gpu_every_candidate_tile(tp, monkeypatch, name, d):
                       backward=name != "fwd")
                 assert tuner.best_config is cfg
     finally:  # no forced pick may outlive the test in a tuner's cache
-        for t, _, _ in tp.AUTOTUNED.values():
+        for t, _, _ in autotune.AUTOTUNED.values():
             t.cache.clear()
 
 
@@ -583,9 +593,10 @@ def test_gpu_autotune_pick_from_disk(tp, tmp_path, monkeypatch):
     the disk tables are cleared between two calls. The first times every candidate the prune keeps; the second at
     most the one from disk (Triton 3.6 times even a lone candidate once; later versions take it untimed), and
     computes the same output with the same tile."""
+    from attn_compiler.codegen import prefill_fwd
     monkeypatch.setenv("MEMATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("MEMATTN_AUTOTUNE_CACHE", raising=False)
-    tuner = tp._attn_fwd_tuned
+    tuner = prefill_fwd.attn_fwd_tuned
     disk = tuner.memattn_disk
     timed = []
     real = tuner._bench  # one call per candidate timed (do_bench is a cached_property: patching _do_bench misses)

@@ -126,12 +126,13 @@ def test_unreadable_file_is_ignored_then_replaced_and_processes_merge(_disk):
 
 
 def test_the_kernels_autotuners_are_disk_backed():
+    from attn_compiler.codegen import autotune
     from attn_compiler.codegen import triton_decode as td
-    from attn_compiler.codegen import triton_prefill as tp
-    for name, (tuner, prune, _space) in tp.AUTOTUNED.items():
+    from attn_compiler.codegen import triton_prefill  # noqa: F401  (registers the prefill autotuners)
+    for name, (tuner, prune, _space) in autotune.AUTOTUNED.items():
         assert tuner.memattn_disk.name == name and tuner.memattn_disk.key == tuner.keys
         assert tuner.early_config_prune.__wrapped__ is prune
-    assert td._decode_split_tuned.memattn_disk.key == td._decode_split_tuned.keys
+    assert td.decode_split_tuned.memattn_disk.key == td.decode_split_tuned.keys
 
 
 class FakeAutotuner:
@@ -162,7 +163,7 @@ class FakeAutotuner:
 def test_launch_tuned_takes_a_tuned_keys_pick_without_the_autotuner():
     """A key's first launch goes through the autotuner; its later launches go straight to the kernel with the same
     pick (its kwargs and its pre-hook's view of the arguments), until the autotuner forgets it or the key changes."""
-    from attn_compiler.codegen.triton_prefill import launch_tuned
+    from attn_compiler.codegen.autotune import launch_tuned
     seen = []
     pick = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3, pre_hook=seen.append)
     tuner = FakeAutotuner(pick)
