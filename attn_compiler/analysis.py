@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import operator
-from typing import Optional, Union
+from typing import Optional
 
 import sympy
 import torch
@@ -433,7 +433,14 @@ class Bytes:
     __repr__ = __str__
 
 
-def fmt_bytes(n: Union[int, float]) -> str:
+def fmt_bytes(n) -> str:
+    """A byte count as people read it: a number (int, float or a sympy number) in B/KiB/MiB/GiB, a symbolic
+    formula factored and in B, None as "?"."""
+    if n is None:
+        return "?"
+    if isinstance(n, sympy.Basic):
+        if not n.is_number:
+            return f"{sympy.factor(n)} B"
     n = int(n)
     for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if abs(n) >= size:

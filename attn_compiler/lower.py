@@ -11,7 +11,6 @@ keeps eager's autograd behaviour.
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -177,9 +176,3 @@ def _restore_grad_mode(graph: fx.Graph, entry: bool) -> None:
                 graph.call_function(torch._C._set_grad_enabled, (want,))
             current = want
 
-
-def is_sym_node(node) -> bool:
-    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat))
-
-
-SYM_OPS = {operator.mul, operator.truediv, operator.add, operator.sub, operator.neg, operator.pow}

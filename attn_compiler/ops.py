@@ -37,11 +37,9 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 # Registered with torch.library.Library, not torch.library.custom_op: the op runs once per attention layer per step
 # (eager-inner graphs, users' own calls), and custom_op's generated wrappers (an output-aliasing check on every call,
-# an autograd wrapper whose fill_defaults re-parses the schema each time) cost host time on each. H200 machine,
-# torch 2.11, benchmarks/launch_overhead.py, host us per prefill call with / without autograd: 516 / 467 with
-# custom_op, 345 / 244 with this registration and launch_tuned's remembered picks (SDPA: 18-40). The pieces
-# custom_op made are written out below: the schema, the implementation, the fake, and an autograd kernel that
-# builds a node only when a gradient is wanted.
+# an autograd wrapper whose fill_defaults re-parses the schema each time) cost host time on each (the measurement:
+# benchmarks/results/tuning_notes.md). The pieces custom_op made are written out below: the schema, the
+# implementation, the fake, and an autograd kernel that builds a node only when a gradient is wanted.
 _lib = torch.library.Library("memattn", "DEF")  # noqa: TOR901 - kept alive for the life of the process
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? seed, float scale, "
@@ -149,8 +147,7 @@ def _below_autograd(op, impl, keyset, inputs):
     CompositeExplicitAutograd registration), ``impl`` is called directly: a redispatch would convert the 16
     arguments to C++ and back again for the same call (about a third of the op's own host time). Anything else
     (fake tensors, tracing, functionalization, a Meta tensor whose kernel is the fake) goes through the
-    dispatcher. On this project's 2-core CPU machine (the Triton launch stubbed out, so only the Python layers
-    count) it took a no-grad call from 51 to 41 us; not yet measured on the GPU machine, whose host is slower."""
+    dispatcher."""
     keyset = keyset & torch._C._after_autograd_keyset
     with torch._C._AutoDispatchBelowAutograd():
         if keyset.highestPriorityTypeId() in _BACKENDS:
@@ -161,7 +158,7 @@ def _below_autograd(op, impl, keyset, inputs):
 class _Attention(torch.autograd.Function):
     """The autograd node of one forward call: saves q, k, v, out and the row stats (nothing M x N) and runs
     attention_backward, which recomputes the probabilities blockwise. The op's scalar arguments travel as one
-    tuple: autograd.Function.apply inspects every argument it is given, and 10 fewer of them are 3 us a call."""
+    tuple: autograd.Function.apply inspects every argument it is given, at a host cost per argument."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, seed, keyset, params):

@@ -11,7 +11,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from attn_compiler import analysis, cache, plan as plan_mod
+from attn_compiler import analysis, kv_cache, plan as plan_mod
 from attn_compiler.codegen.launch import describe
 from attn_compiler import options as options_mod
 from attn_compiler import ops  # also registers torch.ops.memattn.*
@@ -91,7 +91,7 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
         site.shapes = _shapes(plan)
         try:
             site.scores_bytes = _scores_bytes(plan.chain)
-            cache_info = cache.cache_pattern(plan.k.base, plan.v.base, plan.qk)  # before emit erases the chain
+            cache_info = kv_cache.cache_pattern(plan.k.base, plan.v.base, plan.qk)  # before emit erases the chain
             att = emit(plan, fake_mode, opts.kernels)
             named = ops.node_args(att)
             site.flags = {"scale": named["scale"], "softcap": named["softcap"], **site.flags,
@@ -103,7 +103,7 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
             site.reason = f"internal error while rewriting ({type(e).__name__}: {e}); left alone"
             continue
         site.status = "rewritten"
-        site.kernel = cache.kernel_kind(val(named["q"]).shape[2], plan.st.dropout_p)
+        site.kernel = kv_cache.kernel_kind(val(named["q"]).shape[2], plan.st.dropout_p)
         site.cache, site.cache_copy_bytes = cache_info
         site.nodes = [n.name for n in plan.chain]
     gm.graph.eliminate_dead_code()

@@ -64,9 +64,9 @@ def _fmt_flops(n: int) -> str:
 
 def reserve_bytes(budget: int, example_inputs) -> int:
     """Bytes of the budget kept back for device memory the graph model does not see. On CUDA that is the cuBLAS
-    workspace, the Triton kernels' temporaries and allocator rounding: on an H200 (torch 2.11, 12-layer GPT,
-    bf16) max_memory_allocated exceeded the model by 0.07-0.19 GiB at n = 2k-16k (benchmarks/memory.py), so the
-    planner aims 128 MiB + 2% below the budget there. On CPU the model matches exact accounting: no reserve."""
+    workspace, the Triton kernels' temporaries and allocator rounding, which the model misses by a fraction of a
+    GiB (benchmarks/results/tuning_notes.md): the planner aims 128 MiB + 2% below the budget there. On CPU the
+    model matches exact accounting: no reserve."""
     cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
     return (128 * 2 ** 20 + budget // 50) if cuda else 0
 

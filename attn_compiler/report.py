@@ -8,7 +8,7 @@ from typing import Optional
 
 import sympy
 
-from attn_compiler.analysis import CAVEATS, Bytes, RecomputeSet
+from attn_compiler.analysis import CAVEATS, Bytes, RecomputeSet, fmt_bytes
 
 log = logging.getLogger("attn_compiler")
 
@@ -42,17 +42,6 @@ class GraphReport:
                                      f"graph {self.index} before", f"graph {self.index} after", n=context,
                                      lineterm="")
         return "\n".join(lines)
-
-
-def _fmt_bytes(expr) -> str:
-    expr = sympy.sympify(expr)
-    if expr.is_number:
-        n = int(expr)
-        for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-            if n >= size:
-                return f"{n / size:.1f} {unit}"
-        return f"{n} B"
-    return f"{sympy.factor(expr)} B"
 
 
 def graph_hints(g) -> dict:
@@ -130,11 +119,11 @@ class Report:
             if g.plan is not None:
                 p = g.plan
                 if p.target is not None and p.target != p.budget:
-                    out.append(f"  planned to {_fmt_bytes(p.target)}: memory_budget less a reserve for device "
+                    out.append(f"  planned to {fmt_bytes(p.target)}: memory_budget less a reserve for device "
                                "memory outside the model (cuBLAS workspace, kernel temporaries, rounding)")
-                out.append(f"  memory_budget: {_fmt_bytes(p.budget)}; "
+                out.append(f"  memory_budget: {fmt_bytes(p.budget)}; "
                            + ("fits without recompute" if not p.checkpoints and p.fits else
-                              f"{len(p.checkpoints)} recompute checkpoint(s), model peak {_fmt_bytes(p.peak)}"))
+                              f"{len(p.checkpoints)} recompute checkpoint(s), model peak {fmt_bytes(p.peak)}"))
                 for c in p.checkpoints:
                     out.append(f"    {c}")
                 if p.verified is not None:
@@ -143,7 +132,7 @@ class Report:
                 if p.attempts > 1:
                     out.append(f"  re-planned {p.attempts - 1} time(s): the partitioned graphs of the first plan "
                                f"peaked above the model's estimate, so the target was lowered by that error "
-                               f"(planned to {_fmt_bytes(p.planned_to)})")
+                               f"(planned to {fmt_bytes(p.planned_to)})")
                 if p.note:
                     out.append(f"  NOTE: {p.note}")
             if a.assumed:
@@ -162,7 +151,7 @@ class Report:
         for s in self.sites:
             rows.append((f"{s.graph_index}.{s.index}" if several else str(s.index), s.status, s.kernel or "-",
                          s.pattern or "-", s.location,
-                         _fmt_bytes(s.scores_bytes) if s.status == "rewritten" else "-"))
+                         fmt_bytes(sympy.sympify(s.scores_bytes)) if s.status == "rewritten" else "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         for s in self.sites:
@@ -174,8 +163,8 @@ class Report:
                 g = next((g for g in self.graphs if g.index == s.graph_index), None)
                 n = value_at(s.cache_copy_bytes, graph_hints(g)) if g is not None else None
                 out.append(f"  site {s.index} cache: concat (torch.cat of past and new K/V) copies "
-                           f"{_fmt_bytes(s.cache_copy_bytes)} per step"
-                           + (f" = {_fmt_bytes(n)} at the example sizes" if n is not None else "")
+                           f"{fmt_bytes(sympy.sympify(s.cache_copy_bytes))} per step"
+                           + (f" = {fmt_bytes(n)} at the example sizes" if n is not None else "")
                            + "; a static cache written in place avoids the copy")
             elif s.cache:
                 out.append(f"  site {s.index} cache: {s.cache} (written before the QK^T matmul, no copy)")

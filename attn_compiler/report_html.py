@@ -40,10 +40,6 @@ def _peak_at(b, hints=None) -> Optional[int]:
         return None
 
 
-def _fmt(n: Optional[int]) -> str:
-    return "?" if n is None else fmt_bytes(n)
-
-
 def seq_symbol(g) -> Optional[sympy.Symbol]:
     """The sequence-length symbol of a graph: the query length of its first site when symbolic, else the symbol
     of the before-peak with the highest degree (the n^2 term's), else None (static shapes)."""
@@ -199,7 +195,7 @@ def _shapes(site) -> str:
 def _cache_note(s, hints) -> str:
     if s.cache == "concat":
         return (f'<br><span class="cache">concat cache: copies <span class="formula">{esc(formula(s.cache_copy_bytes))}'
-                f'</span> B = {esc(_fmt(value_at(s.cache_copy_bytes, hints)))} per step</span>')
+                f'</span> B = {esc(fmt_bytes(value_at(s.cache_copy_bytes, hints)))} per step</span>')
     return f'<br><span class="cache">{esc(s.cache)} cache</span>' if s.cache else ""
 
 
@@ -215,7 +211,7 @@ def _site_rows(g) -> str:
             f'<td><span class="badge {esc(s.status)}">{esc(s.status)}</span></td>'
             f'<td class="loc">{esc(s.location)}{src}</td><td>{esc(s.pattern or "-")}</td>'
             f'<td class="shapes">{_shapes(s)}</td>'
-            f'<td class="formula">{esc(f)}</td><td class="value">{esc(_fmt(v))}</td>'
+            f'<td class="formula">{esc(f)}</td><td class="value">{esc(fmt_bytes(v))}</td>'
             f'<td>{esc(s.kernel or "-")}{_cache_note(s, hints)}</td><td class="reason">{esc(s.reason or "")}</td></tr>')
     if not rows:
         rows.append('<tr><td colspan="9" class="none">no attention site in this graph</td></tr>')
@@ -257,7 +253,7 @@ def _graph_section(g) -> str:
     return f"""<section class="graph" id="graph-{g.index}">
 <h2>Graph {g.index}</h2>{err}
 <div class="mem"><div><p class="peak">estimated peak ({kind}) at the example sizes:
-<b>{esc(_fmt(pb))}</b> &rarr; <b>{esc(_fmt(pa))}</b></p>{plan}{formulas}</div>
+<b>{esc(fmt_bytes(pb))}</b> &rarr; <b>{esc(fmt_bytes(pa))}</b></p>{plan}{formulas}</div>
 <figure>{svg}<figcaption>{esc(note)}</figcaption></figure></div>
 <h3>Attention sites</h3>
 <table class="sites"><thead><tr><th>#</th><th>status</th><th>source</th><th>pattern</th><th>shapes</th>
@@ -325,9 +321,9 @@ def render(report) -> str:
         b = _peak_at(g.memory_before.peak if g.memory_before is not None else None)
         peaks.append((g.index, b, _peak_at(g.peak_after)))
     if len(peaks) == 1:
-        peak_card = f"{_fmt(peaks[0][1])} &rarr; {_fmt(peaks[0][2])}"
+        peak_card = f"{fmt_bytes(peaks[0][1])} &rarr; {fmt_bytes(peaks[0][2])}"
     else:
-        peak_card = "<br>".join(f"graph {i}: {_fmt(b)} &rarr; {_fmt(a)}" for i, b, a in peaks)
+        peak_card = "<br>".join(f"graph {i}: {fmt_bytes(b)} &rarr; {fmt_bytes(a)}" for i, b, a in peaks)
     cards = [
         (len(sites), "sites found", "found"), (nrew, "rewritten", "rewritten"), (nleft, "left alone", "left"),
         (peak_card, "estimated peak before &rarr; after (example sizes)", "peak"),

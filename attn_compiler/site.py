@@ -24,7 +24,7 @@ class Site:
     scores_bytes: Any = 0                # sympy expression: bytes of the n^2 tensors the rewrite removes
     shapes: dict = dataclasses.field(default_factory=dict)   # q/k/v/out shapes with symbols, as strings
     flags: dict = dataclasses.field(default_factory=dict)    # scale, causal, mask kind, dropout, gqa ratio, ...
-    cache: Optional[str] = None          # "concat" | "in-place" | None: where K/V come from (attn_compiler/cache.py)
+    cache: Optional[str] = None          # "concat" | "in-place" | None: where K/V come from (attn_compiler/kv_cache.py)
     cache_copy_bytes: Any = 0            # sympy: bytes a concat cache copies per step (0 otherwise)
     graph_index: int = 0
     nodes: list = dataclasses.field(default_factory=list)    # names of the graph nodes the site replaced

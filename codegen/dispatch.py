@@ -25,7 +25,6 @@ from attn_compiler import config
 from . import launch, reference
 from .reference import Spec
 
-KERNELS = ("auto", "triton", "reference")
 DECODE_MAX_Q = 16  # query rows up to which a call is a decode step (split-KV kernel, codegen/triton_decode.py)
 
 # reason -> count of calls that fell back; read by the report.

@@ -18,8 +18,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # z*h goes on grid axis 1
 
-# MEMATTN_CAUSAL_LOOP's names -> CAUSAL_LOOP (tiles.py's flag table)
+# MEMATTN_CAUSAL_LOOP's names (attn_compiler/config.py lists them) -> CAUSAL_LOOP (tiles.py's flag table)
 CAUSAL_LOOPS = {"split": 0, "one": 1}
+assert set(config.VARIABLES["MEMATTN_CAUSAL_LOOP"].allowed) == {"", *CAUSAL_LOOPS}, "config.py and CAUSAL_LOOPS differ"
 
 
 def causal_loop(block_d: int) -> int:

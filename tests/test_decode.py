@@ -481,16 +481,16 @@ def test_generate_same_tokens_and_every_decode_site_rewritten(kind, cache, tmp_p
 def test_kernel_kind_from_symbolic_query_length():
     """The report's kernel from the query length's bounds: static <= 16 decode, a symbolic length that may be
     either prefill/decode (the dispatcher decides per call), a dropout site always prefill."""
-    from attn_compiler import cache
+    from attn_compiler import kv_cache
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     env = ShapeEnv()
     s = env.create_unbacked_symint()
-    assert cache.kernel_kind(1, 0.0) == "decode" and cache.kernel_kind(16, 0.0) == "decode"
-    assert cache.kernel_kind(17, 0.0) == "prefill" and cache.kernel_kind(1, 0.1) == "prefill"
-    assert cache.kernel_kind(s, 0.0) == "prefill/decode"
+    assert kv_cache.kernel_kind(1, 0.0) == "decode" and kv_cache.kernel_kind(16, 0.0) == "decode"
+    assert kv_cache.kernel_kind(17, 0.0) == "prefill" and kv_cache.kernel_kind(1, 0.1) == "prefill"
+    assert kv_cache.kernel_kind(s, 0.0) == "prefill/decode"
     torch._check(s <= 8)
     torch._check(s >= 1)
-    assert cache.kernel_kind(s, 0.0) == "decode"
+    assert kv_cache.kernel_kind(s, 0.0) == "decode"
 
 
 class SliceCache(torch.nn.Module):
