@@ -26,6 +26,9 @@ def kv_loop(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, tma_z, tma_h, bias
             NATURAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
             WARP_SPEC: tl.constexpr = False, FUSE_SCALE: tl.constexpr = False, causal_from=0,
             CAUSAL_BRANCH: tl.constexpr = False):
+    """The online softmax over key tiles [lo, hi) for one block of query rows (offs_m): returns the running
+    (acc, l_i, m_i) after them. APPLY_CAUSAL masks every tile; CAUSAL_BRANCH masks only tiles from causal_from on
+    (CAUSAL_LOOP == 1, plain scores)."""
     rows = offs_m[:, None]
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
