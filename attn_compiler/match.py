@@ -312,9 +312,17 @@ def _attention_like(softmax: fx.Node, depth: int = 12) -> bool:
 
 
 def find_candidates(gm: fx.GraphModule):
-    """Yields (softmax node, SiteMatch or Reject) for every softmax in the graph that could be attention."""
+    """Yields (softmax node, SiteMatch or Reject) for every softmax in the graph that could be attention, and
+    (node, Reject) for every fused attention call (reported as a site, left alone)."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in patterns.SOFTMAX_OPS and _attention_like(node):
+        if node.op == "call_function" and node.target in patterns.FUSED_SITES:
+            try:
+                reason, flags, shapes = patterns.FUSED_SITES[node.target](node)
+                yield node, Reject(reason, pattern="sdpa", flags=flags, shapes=shapes)
+            except Exception as e:  # noqa: BLE001 - describing it is for the report; it never costs the graph
+                yield node, Reject(f"a fused attention call ({node.target}), left as it is ({type(e).__name__}: "
+                                   f"{e})", pattern="sdpa")
+        elif node.op == "call_function" and node.target in patterns.SOFTMAX_OPS and _attention_like(node):
             try:
                 yield node, match_at(node)
             except Reject as e:

@@ -84,7 +84,7 @@ def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> 
         sites.append(site)
         if isinstance(found, Reject):
             site.reason = str(found)
-            site.pattern = "softmax"
+            site.pattern, site.flags, site.shapes = found.pattern, found.flags, found.shapes
             continue
         plan = found
         site.pattern, site.flags = _describe(plan)

@@ -9,7 +9,13 @@ import torch.fx as fx
 
 
 class Reject(Exception):
-    """Raised by the matcher when a candidate cannot be proven equivalent; the message is the report's reason."""
+    """Raised by the matcher when a candidate cannot be proven equivalent; the message is the report's reason.
+    ``pattern``, ``flags`` and ``shapes``: what the report shows of a site left alone by design (a fused call)."""
+
+    def __init__(self, reason: str, pattern: str = "softmax", flags: Optional[dict] = None,
+                 shapes: Optional[dict] = None):
+        super().__init__(reason)
+        self.pattern, self.flags, self.shapes = pattern, flags or {}, shapes or {}
 
 
 @dataclasses.dataclass

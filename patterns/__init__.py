@@ -13,6 +13,8 @@ A family file exports what it owns, under these names (each optional):
                      after the walk, with the whole chain seen: facts that need all of it (the causal flag)
     align_kv(q_factors, kv_factors, head_pos, what), group_ratio(k_group, v_group, st)
                      how k and v's heads line up with q's (one family: GQA)
+    FUSED_SITES      {aten op: describe(node) -> (reason, flags, shapes)}: a fused attention call, reported as a
+                     site left alone with what it was given (SDPA)
     SPELLINGS        {name: fn(q, k, v, *extra)}: eager spellings of the family, compiled by the tests
     example_args(name, q, k, v)
                      the arguments of SPELLINGS[name] built from [B, H, S, D] q, k, v (default: (q, k, v))
@@ -21,9 +23,9 @@ A family file exports what it owns, under these names (each optional):
 """
 from __future__ import annotations
 
-from . import causal, dropout, gqa, masked, plain, scaled, softcap
+from . import causal, dropout, gqa, masked, plain, scaled, sdpa, softcap
 
-FAMILIES = (plain, scaled, masked, softcap, causal, dropout, gqa)
+FAMILIES = (plain, scaled, masked, softcap, causal, dropout, gqa, sdpa)
 
 QK_MATMULS = plain.QK_MATMULS
 PV_MATMULS = plain.PV_MATMULS
@@ -55,6 +57,7 @@ def _one(attr: str):
 SCORE_HANDLERS = _merged("SCORE_HANDLERS")
 SCORE_OPERANDS = _merged("SCORE_OPERANDS")
 PROB_HANDLERS = _merged("PROB_HANDLERS")
+FUSED_SITES = _merged("FUSED_SITES")
 FINISHERS = tuple(family.finish for family in FAMILIES if hasattr(family, "finish"))
 align_kv = _one("align_kv")
 group_ratio = _one("group_ratio")

@@ -90,6 +90,24 @@ def test_a_launch_binds_once_then_calls_the_launcher_with_the_tensors(fake_cuda)
     assert args[0] is x and args[1] is y and args[2:] == (8, 100, 32, 4)
 
 
+@pytest.mark.parametrize("n", [100, 96])
+def test_a_binding_computes_the_kernel_s_heuristics_for_the_pick(fake_cuda, n):
+    """An autotuner over triton.heuristics (EVEN_M / EVEN_N from the launched tile, codegen/autotune.py): the
+    bound launch passes the value the heuristic gives for the pick's tile, as Triton's own path would."""
+    from triton.runtime.autotuner import Heuristics
+    compiled = Compiled()
+    tuned = Tuned(compiled)
+    raw = type("Raw", (), {"arg_names": ["x", "y", "stride", "n", "BLOCK", "EVEN", "num_warps"]})()
+    tuned.fn = Heuristics(raw, raw.arg_names, {"EVEN": lambda args: args["n"] % args["BLOCK"] == 0})
+    lnch = launch.Launch(tuned, lambda meta: (-(-meta["n"] // meta["BLOCK"]), 3), (8,), {"n": n},
+                         tuned_launch=tuned.launch)
+    x = torch.zeros(2)
+    lnch(x, x)
+    lnch(x, x)
+    assert lnch.bound and len(compiled.runs) == 1
+    assert compiled.runs[0][2][2:] == (8, n, 32, n % 32 == 0, 4)
+
+
 def test_a_forgotten_pick_tunes_again_and_binds_again(fake_cuda):
     tuned = Tuned(Compiled())
     lnch = _launch(tuned)
