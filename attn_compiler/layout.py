@@ -278,6 +278,22 @@ def scale_of(node: fx.Node, inplace_ok: bool = False):
     return None
 
 
+def tensor_literal(node: fx.Node):
+    """The value of a one-element tensor literal of the traced code, read through get_attr: ``torch.tensor(0.0)``
+    traces to ``lift_fresh_copy(_tensor_constant<k>)``, a fresh copy of a graph constant on every call, so its value
+    is part of the program. Anything else read through get_attr (a buffer, a parameter, a tensor the user may
+    change between calls) is data: None."""
+    if node.op != "get_attr" or not node.target.rsplit(".", 1)[-1].startswith("_tensor_constant"):
+        return None
+    obj = node.graph.owning_module
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    if type(obj) is not torch.Tensor or obj.numel() != 1 or obj.device.type == "meta":  # not fake, not a subclass
+        return None
+    value = obj.item()
+    return bool(value) if obj.dtype == torch.bool else value
+
+
 def constant_scalar_tensor(node: fx.Node):
     """A 0-d tensor made in the graph from a number (scalar_tensor / full([])), as that number or sym node."""
     if node.op != "call_function":

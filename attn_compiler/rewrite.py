@@ -131,6 +131,8 @@ def canonical_operand(em: Emitter, op: Operand, canon_atoms: list, atom_size) ->
     for p, a in enumerate(canon_atoms):
         if a not in atoms:
             node = em.call(aten.unsqueeze.default, node, p)
+    if op.dtype is not None:   # the promotion eager's add makes (an integer or bool bias to the scores' dtype)
+        node = em.call(aten._to_copy.default, node, dtype=op.dtype)
     if op.coef != 1:
         node = em.call(aten.mul.Tensor, node, op.coef)
     return node

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from attn_compiler.layout import known_eq, shape_of, val
+from attn_compiler.layout import known_eq, shape_of, tensor_literal, val
 
 from .common import ScoreState
 
@@ -88,15 +88,8 @@ def _literal(n: fx.Node):
     transformers 5.17 fill with it) traces to ``lift_fresh_copy(_tensor_constant<k>)``, a fresh copy of a graph
     constant on every call, so its value is part of the program. Anything else read through get_attr (a buffer, a
     parameter, a tensor the user may change between calls) is data: None."""
-    if not isinstance(n.target, str) or not n.target.rsplit(".", 1)[-1].startswith("_tensor_constant"):
-        return None
-    obj = n.graph.owning_module
-    for part in n.target.split("."):
-        obj = getattr(obj, part, None)
-    if type(obj) is not torch.Tensor or obj.numel() != 1 or obj.device.type == "meta":  # not fake, not a subclass
-        return None
-    value = obj.item()
-    return Const(bool(value) if obj.dtype == torch.bool else value)
+    value = tensor_literal(n) if isinstance(n.target, str) else None
+    return None if value is None else Const(value)
 
 
 class _Interp:

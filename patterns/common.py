@@ -26,6 +26,7 @@ class Operand:
     coef: Any = 1.0          # bias multiplier (baddbmm's beta)
     keep: bool = True        # boolean masks: True keeps the score where the mask is True
     fill: float = float("-inf")
+    dtype: Any = None        # an integer or bool bias: the float dtype the add promotes it to (cast first)
 
 
 @dataclasses.dataclass

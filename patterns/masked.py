@@ -33,11 +33,14 @@ def on_add(node, chain_arg: int, st: ScoreState) -> None:
         raise Reject("add with alpha != 1 on the scores")
     if not _is_tensor(other) or val(other).dim() == 0:
         raise Reject("adds a scalar to the scores")
-    if not val(other).dtype.is_floating_point:
-        raise Reject(f"adds a {val(other).dtype} tensor to the scores")
+    dtype = val(other).dtype
+    if dtype.is_complex:
+        raise Reject(f"adds a {dtype} tensor to the scores")
     if st.masks and any(m.fill != float("-inf") for m in st.masks):
         raise Reject("a bias is added after a boolean mask with a finite fill")
-    st.biases.append(Operand(other, [list(d) for d in st.dims]))
+    # an integer or bool bias (q_idx - kv_idx, a 0/1 mask) is promoted to the scores' float dtype by the add
+    promoted = None if dtype.is_floating_point else val(node).dtype
+    st.biases.append(Operand(other, [list(d) for d in st.dims], dtype=promoted))
     st.tag("masked(additive)")
 
 
@@ -99,9 +102,21 @@ def where_keep(q, k, v, keep):
     return torch.softmax(s, -1) @ v
 
 
+def bool_added(q, k, v, keep):
+    # a bool tensor added to the scores: 0 or 1, promoted to the scores' dtype by the add
+    return torch.softmax(q @ k.transpose(-2, -1) * q.size(-1) ** -0.5 + keep, -1) @ v
+
+
+def int_relative(q, k, v, keep):
+    # an int64 bias: the clamped relative position j - i (plus the mask as 0/1)
+    i = torch.arange(q.shape[-2], device=q.device)[:, None]
+    j = torch.arange(k.shape[-2], device=q.device)[None, :]
+    return torch.softmax(q @ k.transpose(-2, -1) * q.size(-1) ** -0.5 + ((j - i).clamp(-4, 4) + keep), -1) @ v
+
+
 SPELLINGS = {"additive": additive, "additive_then_div": additive_then_div,
              "masked_fill_neg_inf": masked_fill_neg_inf, "masked_fill_finfo_min": masked_fill_finfo_min,
-             "where_keep": where_keep}
+             "where_keep": where_keep, "bool_added": bool_added, "int_relative": int_relative}
 
 
 def example_args(name, q, k, v, shape=None):

@@ -49,6 +49,20 @@ def test_probabilities_scaled_by_a_head_mask():
     _left(fn, qkv() + [torch.rand(1, 4, 1, 1)], "before the PV matmul")
 
 
+def test_a_0d_scale_read_from_a_buffer_is_data():
+    """torch.tensor(d).rsqrt() is part of the program (a literal and a size: folded into the scale); the same
+    0-d value read from a module buffer is data the user may change between calls: left alone."""
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("d", torch.tensor(16.0))
+
+        def forward(self, q, k, v):
+            return torch.softmax((q @ k.transpose(-2, -1)) * self.d.rsqrt(), -1) @ v
+
+    _left(Attn(), qkv(), "multiplied by a tensor")
+
+
 def test_scale_by_a_learned_tensor():
     temp = torch.tensor(0.7)
 
