@@ -315,7 +315,9 @@ def report_cmd(args) -> int:
 
 
 def main(argv=None) -> int:
+    from attn_compiler import __version__
     parser = argparse.ArgumentParser(prog="python -m attn_compiler", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"attn_compiler {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="compile the embedded GPT with memattn and compare it with eager")
     d.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")

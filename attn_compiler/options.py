@@ -87,6 +87,12 @@ def parse(options: Optional[dict] = None, mode: Optional[str] = None) -> Options
     report = options.get("report", False)
     if not isinstance(report, (bool, str, os.PathLike)) or (isinstance(report, str) and not report.strip()):
         raise ValueError(f"memattn: report must be False, True or a file path; got {report!r}")
+    if not isinstance(report, bool):
+        folder = os.path.dirname(os.path.abspath(os.fspath(report)))
+        if not os.path.isdir(folder):
+            raise ValueError(f"memattn: report {os.fspath(report)!r}: the folder {folder!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"memattn: report {os.fspath(report)!r}: the folder {folder!r} is not writable")
     kernels = options.get("kernels", "auto")
     if kernels not in KERNELS:
         raise ValueError(f"memattn: kernels must be one of {', '.join(map(repr, KERNELS))}; got {kernels!r}")

@@ -251,7 +251,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     if opts.report is True:
         log.warning("%s", report)
     elif opts.report:
-        report.write(opts.report)
+        try:
+            report.write(opts.report)
+        except OSError as e:   # the folder was checked when the options were parsed; a report never costs the step
+            warnings.warn(f"memattn: the report could not be written to {opts.report!r} ({describe(e)})",
+                          RuntimeWarning, stacklevel=2)
     return compiled, report
 
 

@@ -44,6 +44,7 @@ def test_entry_point_in_a_fresh_interpreter():
     ({"kernels": "cuda"}, "kernels must be one of"),
     ({"inner": "tvm"}, "inner must be one of"),
     ({"report": ""}, "report must be"),
+    ({"report": "/no/such/folder/r.html"}, "does not exist"),
     ({"mode": "fast"}, "mode must be one of"),
 ])
 def test_bad_options_raise_value_error_naming_what_is_allowed(bad, needle):
@@ -53,6 +54,27 @@ def test_bad_options_raise_value_error_naming_what_is_allowed(bad, needle):
     with pytest.raises(Exception) as info:
         f(*qkv())
     assert needle in str(info.value)
+
+
+def test_a_report_that_cannot_be_written_warns_and_the_step_runs(tmp_path, monkeypatch):
+    """The report's folder is checked when the options are parsed; if writing fails later anyway (the folder
+    removed meanwhile), the compiled function still runs, with one warning."""
+    from attn_compiler.report import Report
+
+    def refuse(self, path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(Report, "write", refuse)
+    f = torch.compile(scaled.div_scores, backend="memattn", options={"report": str(tmp_path / "r.txt")})
+    q, k, v = qkv()
+    with pytest.warns(RuntimeWarning, match="report could not be written"):
+        out = f(q, k, v)
+    torch.testing.assert_close(out, scaled.div_scores(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_version_on_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "attn_compiler", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"attn_compiler {attn_compiler.__version__}", out
 
 
 def test_triton_kernels_without_a_gpu_is_a_clear_error(monkeypatch):
