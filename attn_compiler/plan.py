@@ -202,6 +202,14 @@ def choose(model: analysis.Model, budget: int, peak_now: int) -> Outcome:
                               hints),
             flops=Bytes(sympy.Add(*[analysis.flops(n) for n in nodes]), hints)))
     peak = model.peak(RecomputeSet(recompute)).bytes.at() if chosen else peak
+    if peak > budget and chosen and peak >= peak_now:
+        # nothing fits and recomputing does not even lower the peak (the values it must keep alive for the
+        # recompute outweigh what it frees): a plan worse than none is never compiled
+        out = Outcome(budget, [], peak_now, False, recompute=set())
+        out.note = (f"no recompute plan fits {fmt_bytes(budget)} (memory_budget less any device reserve), and "
+                    f"the best one found would peak at {fmt_bytes(peak)}, not below the {fmt_bytes(peak_now)} "
+                    "without recompute; the graph is compiled without recompute")
+        return out
     out = Outcome(budget, chosen, peak, peak <= budget, recompute=recompute)
     if not out.fits:
         out.note = (f"no recompute plan fits {fmt_bytes(budget)} (memory_budget less any device reserve): "

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import attn_compiler
-from attn_compiler import analysis
+from attn_compiler import analysis, patterns
 from attn_compiler.lower import lower
 from attn_compiler.models import GPT, GPTConfig
 
@@ -204,6 +204,22 @@ def test_unreachable_budget_warns_with_the_smallest_peak_and_still_compiles():
     _, grads = _measure_step(compiled, _concrete(ex2))
     for a, b in zip(grads, free_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_plan_worse_than_none_is_never_compiled():
+    """One attention under a budget below its inputs: recomputing anything would keep more alive than it frees,
+    so the best plan peaks above the graph without recompute. That plan is not compiled: no checkpoint, the
+    unplanned peak, and a note that says so."""
+    f = patterns.family("scaled").div_scores
+    q, k, v = (torch.randn(2, 4, 256, 64, requires_grad=True) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="compiled without recompute"):
+        out = torch.compile(f, backend="memattn", options={"memory_budget": "1MiB"})(q, k, v)
+        out.sum().backward()
+    report = attn_compiler.last_report()
+    plan = report.graphs[0].plan
+    assert plan.checkpoints == [] and not plan.recompute and not plan.fits
+    assert plan.peak == report.graphs[0].memory_after.peak.at()
+    assert "not below" in plan.note and "without recompute" in plan.note
 
 
 def test_no_budget_changes_nothing_and_a_roomy_budget_plans_nothing():
