@@ -20,7 +20,7 @@ from attn_compiler.lower import graph_fake_mode, lower, placeholders_fake
 from attn_compiler.match import find_candidates
 from attn_compiler.report import GraphReport, Report
 from attn_compiler.rewrite import emit, output_layout
-from attn_compiler.site import Reject, Site, user_location
+from attn_compiler.site import Reject, Site, user_location, user_stacklevel
 
 log = logging.getLogger("attn_compiler")
 
@@ -215,7 +215,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     except Exception as e:  # a bug in the pass must not take the user's model down: run the graph unchanged
         tb = traceback.format_exc(limit=4)
         warnings.warn(f"memattn: the attention pass failed on graph {graph_index} and the graph runs "
-                      f"unchanged: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+                      f"unchanged: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=user_stacklevel())
         log.debug("memattn pass failure:\n%s", tb)
         greport = GraphReport(graph_index, gm.code, gm.code, [], error=f"{type(e).__name__}: {e}")
         compiled_gm, outcome = gm, None
@@ -239,7 +239,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
     except Exception as e:  # Inductor or the recompute partition failed: the graph still runs, op by op
         greport.inner_error = describe(e)
         warnings.warn(f"memattn: compiling graph {graph_index} failed and it runs op by op (inner=\"eager\", no "
-                      f"recompute plan): {greport.inner_error}", RuntimeWarning, stacklevel=2)
+                      f"recompute plan): {greport.inner_error}", RuntimeWarning, stacklevel=user_stacklevel())
         log.debug("memattn inner compile failure:\n%s", traceback.format_exc(limit=8))
         greport.plan = None   # the graph runs as traced: no recompute plan applies (its tags are inert eagerly)
         return compiled_gm, report
@@ -255,7 +255,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, opts) -> tuple:
             report.write(opts.report)
         except OSError as e:   # the folder was checked when the options were parsed; a report never costs the step
             warnings.warn(f"memattn: the report could not be written to {opts.report!r} ({describe(e)})",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=user_stacklevel())
     return compiled, report
 
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from attn_compiler import analysis
 from attn_compiler.analysis import Bytes, RecomputeSet, fmt_bytes
-from attn_compiler.site import user_location
+from attn_compiler.site import user_location, user_stacklevel
 
 log = logging.getLogger("attn_compiler")
 aten = torch.ops.aten
@@ -287,4 +287,4 @@ def eager_inner(g: fx.GraphModule, ex, boxed: bool):
 
 
 def warn_no_fit(outcome: Outcome) -> None:
-    warnings.warn(f"memattn: {outcome.note}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"memattn: {outcome.note}", RuntimeWarning, stacklevel=user_stacklevel())

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import re
+import sys
 from typing import Any, Optional
 
+import torch
 import torch.fx as fx
+
 
 
 class Reject(Exception):
@@ -45,11 +50,37 @@ class Site:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 
 
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_folders() -> tuple:
+    """torch's folder and this package's (codegen/ and patterns/ too, wherever they are installed)."""
+    import attn_compiler.codegen
+    import attn_compiler.patterns
+    packages = (attn_compiler, attn_compiler.codegen, attn_compiler.patterns)
+    return (_TORCH,) + tuple(os.path.dirname(os.path.abspath(pkg.__file__)) + os.sep for pkg in packages)
+
+
+def _in(path: str, folders: tuple) -> bool:
+    return os.path.abspath(path).startswith(folders)
+
+
 def user_location(node: fx.Node) -> tuple[str, str]:
-    """(file:line, source line) of the innermost user frame in a node's stack trace."""
+    """(file:line, source line) of the innermost frame of model code in a node's stack trace: torch's own frames
+    are skipped (torch.set_default_device's mode puts torch/utils/_device.py innermost in every traced op)."""
     trace = node.meta.get("stack_trace") or ""
     frames = _FRAME.findall(trace)
     if not frames:
         return "<unknown>", ""
-    path, line, _fn, code = frames[-1]
+    path, line, _fn, code = next((f for f in reversed(frames) if not _in(f[0], (_TORCH,))), frames[-1])
     return f"{path}:{line}", code.strip()
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the innermost
+    frame of the user's own code (the call that compiled), past torch's and this package's frames."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _in(frame.f_code.co_filename, _backend_folders()):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2

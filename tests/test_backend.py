@@ -491,3 +491,22 @@ def test_output_layout_under_inductor():
     """Inductor plans buffers from the fake's strides: the [Z, M, H, Dv] output must be what the op returns."""
     report = check_against_eager(_merge_heads, qkv(s=13, grad=True), torch.float32, options={"inner": "inductor"})
     assert report.rewritten[0].flags["out_layout"].startswith("zmhd")
+
+
+def test_warnings_and_locations_point_at_the_user_s_code():
+    """A budget warning names the line of the user's code that ran the compiled function (not the backend's
+    own), and a site's location skips torch's frames: under torch.set_default_device, torch/utils/_device.py is
+    innermost in every traced op's stack."""
+    q, k, v = (t.requires_grad_() for t in qkv(s=64))
+    f = torch.compile(scaled.div_scores, backend="memattn", options={"memory_budget": "1KiB"})
+    with pytest.warns(RuntimeWarning, match="memory_budget") as caught:
+        f(q, k, v).sum().backward()
+    assert {w.filename for w in caught if "memory_budget" in str(w.message)} == {__file__}
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
+
+    torch._dynamo.reset()
+    with torch.device("cpu"):
+        torch.compile(attend, backend="memattn")(q, k, v)
+    (site,) = attn_compiler.last_report().sites
+    assert site.location.startswith(__file__ + ":") and "softmax" in site.source_line, site.location
