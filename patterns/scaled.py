@@ -61,7 +61,11 @@ def _zero_d_value(x, depth: int):
         a, b = (zero_d_value(y, depth + 1) for y in x.args)
         if a is None or b is None or (b == 0 and x.target in (aten.div.Tensor, aten.div.Scalar)):
             return None
-        return _BINARY[x.target](a, b)
+        try:
+            out = _BINARY[x.target](a, b)
+        except (OverflowError, ZeroDivisionError):
+            return None
+        return out if isinstance(out, float) and math.isfinite(out) else None   # e.g. (-4) ** 0.5 is complex
     return None
 
 
