@@ -287,29 +287,24 @@ def attn_bwd_dq(Q, K, V, Bias, Mask, Seed, DO, Out, Stats, Delta, DQ,
     if IS_CAUSAL:
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        dq, dq_corr, delta = dq_loop(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base, mask_base,
-                                     rh, offs_m, offs_n, offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn,
-                                     stride_vd, stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale,
-                                     softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                     BLOCK_N=BLOCK_N, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV,
-                                     APPLY_CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK, MASK_KEEP=MASK_KEEP,
-                                     HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL, DOT_PREC=DOT_PREC,
-                                     FUSE_SCALE=FUSE_SCALE)
+    else:  # every key is allowed for every row
+        hi = N
+        lo_mask = N
+    dq, dq_corr, delta = dq_loop(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base, mask_base,
+                                 rh, offs_m, offs_n, offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn,
+                                 stride_vd, stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale,
+                                 softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
+                                 BLOCK_N=BLOCK_N, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV,
+                                 APPLY_CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK, MASK_KEEP=MASK_KEEP,
+                                 HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL, DOT_PREC=DOT_PREC,
+                                 FUSE_SCALE=FUSE_SCALE)
+    if IS_CAUSAL:  # the diagonal tiles, under the causal mask
         dq, dq_corr, delta = dq_loop(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base, mask_base,
                                      rh, offs_m, offs_n, offs_d, offs_dv, lo_mask, hi, stride_kn, stride_kd, stride_vn,
                                      stride_vd, stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale,
                                      softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
                                      BLOCK_N=BLOCK_N, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV,
                                      APPLY_CAUSAL=True, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK, MASK_KEEP=MASK_KEEP,
-                                     HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL, DOT_PREC=DOT_PREC,
-                                     FUSE_SCALE=FUSE_SCALE)
-    else:
-        dq, dq_corr, delta = dq_loop(dq, dq_corr, delta, q, do, mrow, lrow, shift, k_base, v_base, bias_base, mask_base,
-                                     rh, offs_m, offs_n, offs_d, offs_dv, 0, N, stride_kn, stride_kd, stride_vn,
-                                     stride_vd, stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale,
-                                     softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep,
-                                     BLOCK_N=BLOCK_N, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV,
-                                     APPLY_CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK, MASK_KEEP=MASK_KEEP,
                                      HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL, DOT_PREC=DOT_PREC,
                                      FUSE_SCALE=FUSE_SCALE)
     dq = (dq - (delta - shift)[:, None] * dq_corr) * scale

@@ -131,17 +131,21 @@ def attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
         # keys past hi are masked for every row of the block; keys below lo_mask are allowed for every row
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), N)
         lo_mask = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        lo = 0
-        if CAUSAL_LOOP == 0:  # two K/V loops: the unmasked tiles first, with no mask
-            acc, l_i, m_i = kv_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base, mask_base,
-                                    rh, offs_m, offs_n, offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale,
-                                    softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, BLOCK_N=BLOCK_N,
-                                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D,
-                                    EVEN_DV=EVEN_DV, APPLY_CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK,
-                                    MASK_KEEP=MASK_KEEP, HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL,
-                                    DOT_PREC=DOT_PREC, USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC, FUSE_SCALE=FUSE_SCALE)
-            lo = lo_mask
+    else:  # every key is allowed for every row
+        hi = N
+        lo_mask = N
+    lo = 0
+    if not IS_CAUSAL or CAUSAL_LOOP == 0:  # the tiles every row may see, without the causal mask
+        acc, l_i, m_i = kv_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base, mask_base,
+                                rh, offs_m, offs_n, offs_d, offs_dv, 0, lo_mask, stride_kn, stride_kd, stride_vn,
+                                stride_vd, stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale,
+                                softcap_in, softcap_out, fill2, causal_offset, dropout_p, inv_keep, BLOCK_N=BLOCK_N,
+                                BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D,
+                                EVEN_DV=EVEN_DV, APPLY_CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK,
+                                MASK_KEEP=MASK_KEEP, HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL,
+                                DOT_PREC=DOT_PREC, USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC, FUSE_SCALE=FUSE_SCALE)
+        lo = lo_mask
+    if IS_CAUSAL:
         # the masked tiles; with CAUSAL_LOOP == 1 every tile in one loop, the mask taken from lo_mask on (a branch
         # uniform per tile)
         acc, l_i, m_i = kv_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base, mask_base, rh,
@@ -153,15 +157,6 @@ def attn_fwd(Q, K, V, Bias, Mask, Seed, Out, Stats, KDesc, VDesc,
                                 MASK_KEEP=MASK_KEEP, HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL,
                                 DOT_PREC=DOT_PREC, USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC, FUSE_SCALE=FUSE_SCALE,
                                 causal_from=lo_mask, CAUSAL_BRANCH=CAUSAL_LOOP == 1)
-    else:
-        acc, l_i, m_i = kv_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, tma_z, tma_h, bias_base, mask_base, rh,
-                                offs_m, offs_n, offs_d, offs_dv, 0, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                stride_bm, stride_bn, stride_mm, stride_mn, M, N, D, DV, qk_scale, softcap_in,
-                                softcap_out, fill2, causal_offset, dropout_p, inv_keep, BLOCK_N=BLOCK_N,
-                                BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN_M=EVEN_M, EVEN_N=EVEN_N, EVEN_D=EVEN_D,
-                                EVEN_DV=EVEN_DV, APPLY_CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK,
-                                MASK_KEEP=MASK_KEEP, HAS_DROPOUT=HAS_DROPOUT, SOFTCAP=SOFTCAP, NATURAL=NATURAL,
-                                DOT_PREC=DOT_PREC, USE_TMA=USE_TMA, WARP_SPEC=WARP_SPEC, FUSE_SCALE=FUSE_SCALE)
     o = acc / l_i[:, None]  # l_i == 0 (row masked everywhere): 0/0 = NaN, as eager's softmax gives
     if SAFE_SOFTMAX:
         o = tl.where((l_i == 0.0)[:, None], 0.0, o)
