@@ -278,6 +278,12 @@ def scale_of(node: fx.Node, inplace_ok: bool = False):
     return None
 
 
+def shape_text(node) -> str:
+    """A node's tensor shape as the report shows it (symbols by name), or "?" when it holds no tensor."""
+    t = val(node) if isinstance(node, fx.Node) else None
+    return str(tuple(str(s) for s in t.shape)) if isinstance(t, torch.Tensor) else "?"
+
+
 def tensor_literal(node: fx.Node):
     """The value of a one-element tensor literal of the traced code, read through get_attr: ``torch.tensor(0.0)``
     traces to ``lift_fresh_copy(_tensor_constant<k>)``, a fresh copy of a graph constant on every call, so its value

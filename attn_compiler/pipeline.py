@@ -15,7 +15,7 @@ from attn_compiler import analysis, kv_cache, plan as plan_mod
 from attn_compiler.codegen.launch import describe
 from attn_compiler import options as options_mod
 from attn_compiler import ops  # also registers torch.ops.memattn.*
-from attn_compiler.layout import is_layout_op, val
+from attn_compiler.layout import is_layout_op, shape_text, val
 from attn_compiler.lower import graph_fake_mode, lower, placeholders_fake
 from attn_compiler.match import find_candidates
 from attn_compiler.report import GraphReport, Report
@@ -70,10 +70,8 @@ def _describe(plan) -> tuple[str, dict]:
 
 
 def _shapes(plan) -> dict:
-    def fmt(node):
-        t = val(node)
-        return str(tuple(str(s) for s in t.shape)) if isinstance(t, torch.Tensor) else "?"
-    return {"q": fmt(plan.q.base), "k": fmt(plan.k.base), "v": fmt(plan.v.base), "out": fmt(plan.pv)}
+    return {"q": shape_text(plan.q.base), "k": shape_text(plan.k.base), "v": shape_text(plan.v.base),
+            "out": shape_text(plan.pv)}
 
 
 def rewrite_graph(gm: fx.GraphModule, fake_mode, opts, graph_index: int = 0) -> list:

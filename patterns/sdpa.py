@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from attn_compiler.layout import constant_scalar_tensor, val
+from attn_compiler.layout import constant_scalar_tensor, shape_text, val
 
 aten = torch.ops.aten
 
@@ -48,11 +48,6 @@ def _bool_source(mask: fx.Node):
     return None
 
 
-def _shape(node) -> str:
-    t = val(node) if isinstance(node, fx.Node) else None
-    return str(tuple(str(s) for s in t.shape)) if isinstance(t, torch.Tensor) else "?"
-
-
 def describe(node: fx.Node) -> tuple[str, dict, dict]:
     """(the report's reason for leaving the call alone, its flags, its shapes)."""
     from attn_compiler.analysis import fmt_bytes, tensor_bytes
@@ -61,7 +56,7 @@ def describe(node: fx.Node) -> tuple[str, dict, dict]:
     hq, hk = val(q).shape[-3], val(k).shape[-3]
     flags = {"causal": bool(a.get("is_causal")), "scale": a.get("scale"), "dropout_p": float(a.get("dropout_p") or 0),
              "bias": 0, "bool_masks": 0, "gqa": 1 if str(hq) == str(hk) else "GQA"}
-    shapes = {"q": _shape(q), "k": _shape(k), "v": _shape(a["value"])}
+    shapes = {"q": shape_text(q), "k": shape_text(k), "v": shape_text(a["value"])}
     op = f"aten.{node.target._schema.name.split('::')[-1]}"
     if mask is None:
         return (f"a fused SDPA call ({op}): it makes no n x n tensor, so there is nothing for memattn to save; "
@@ -69,7 +64,7 @@ def describe(node: fx.Node) -> tuple[str, dict, dict]:
     mask = _bool_source(mask) or mask
     m = val(mask)
     flags["bool_masks" if m.dtype == torch.bool else "bias"] = 1
-    shapes["mask"] = _shape(mask)
+    shapes["mask"] = shape_text(mask)
     dims = "[" + ", ".join(str(s) for s in m.shape) + "]"
     return (f"a fused SDPA call ({op}) given a {str(m.dtype).replace('torch.', '')} attn_mask {dims} of "
             f"{fmt_bytes(tensor_bytes(m))}, built as a tensor before the call; memattn does not yet take an SDPA "
